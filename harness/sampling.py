@@ -1,0 +1,42 @@
+"""Run ComfyUI's real sampling code paths on a model: SamplerCustomAdvanced and KSampler."""
+from .comfy_host import boot
+
+
+def sigmas_for(patcher, steps: int, scheduler: str = "normal"):
+    boot()
+    import comfy.samplers
+
+    return comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), scheduler, steps).cpu()
+
+
+def sample_guider(guider, latent: dict, *, steps: int = 20, sampler: str = "euler", scheduler: str = "normal",
+                  seed: int = 0):
+    """Denoise ``latent`` with ``guider`` through the stock SamplerCustomAdvanced node; returns samples."""
+    boot()
+    import comfy.samplers
+    from comfy_extras.nodes_custom_sampler import Noise_RandomNoise, SamplerCustomAdvanced
+
+    sigmas = sigmas_for(guider.model_patcher, steps, scheduler)
+    output = SamplerCustomAdvanced.execute(Noise_RandomNoise(seed), guider, comfy.samplers.sampler_object(sampler),
+                                           sigmas, latent)
+    return output[0]["samples"]
+
+
+def cfg_guider(patcher, positive, negative, cfg: float):
+    """ComfyUI's stock CFGGuider."""
+    boot()
+    import comfy.samplers
+
+    guider = comfy.samplers.CFGGuider(patcher)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    return guider
+
+
+def ksample(patcher, positive, negative, latent: dict, *, cfg: float, steps: int = 20, sampler: str = "euler",
+            scheduler: str = "normal", seed: int = 0):
+    """Denoise through the stock KSampler node's code path; returns samples."""
+    boot()
+    import nodes
+
+    return nodes.common_ksampler(patcher, seed, steps, cfg, sampler, scheduler, positive, negative, latent)[0]["samples"]

@@ -1,0 +1,40 @@
+"""Reference CFG guider: ComfyUI's own CFG, with the run statistics every technique reports.
+
+It is the baseline the techniques measure themselves against: identical output to the stock
+CFGGuider (it *is* one, over a cloned model), plus model rows counted per evaluation.
+"""
+import comfy.samplers
+from comfy_api.latest import io
+
+from .run_stats import attach_run_stats
+
+CATEGORY = "Guidance Kit"
+
+
+class ReferenceCFGGuider(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="GuidanceKitReferenceCFGGuider",
+            display_name="Reference CFG Guider (Guidance Kit)",
+            category=CATEGORY,
+            description="Plain classifier-free guidance, identical to CFGGuider, that records "
+                        "model rows per step: the baseline for every Guidance Kit technique.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model (it is cloned, never modified)."),
+                io.Conditioning.Input("positive", tooltip="Conditioning to steer towards."),
+                io.Conditioning.Input("negative", tooltip="Conditioning to steer away from (the unconditional)."),
+                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale."),
+            ],
+            outputs=[io.Guider.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, cfg) -> io.NodeOutput:
+        patched = model.clone()
+        attach_run_stats(patched, "CFG")
+        guider = comfy.samplers.CFGGuider(patched)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(cfg)
+        return io.NodeOutput(guider)

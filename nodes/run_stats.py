@@ -1,0 +1,80 @@
+"""Attach per-run statistics to a MODEL through ComfyUI's patcher-extension wrappers.
+
+``attach_run_stats(model, technique)`` adds three keyed wrappers to the (already cloned) patcher:
+
+* OUTER_SAMPLE: creates a fresh ``RunStats`` for every sampling run, stores it in that run's own
+  copy of ``model_options`` and publishes it to the patcher's ``StatsSink`` when the run ends;
+* PREDICT_NOISE: opens one ``Evaluation`` per guider call, whatever the guider;
+* APPLY_MODEL: counts the batch rows that go through the diffusion model.
+
+Other packs' wrappers are untouched (keys keep them apart).  No state survives a run except the
+published report, which only readers (the stats node, tests, benchmarks) look at.
+"""
+import comfy.patcher_extension
+from comfy.patcher_extension import WrappersMP
+
+from ..samplers.run_stats import RunStats
+
+WRAPPER_KEY = "guidance_kit.run_stats"
+RUN_KEY = "guidance_kit.run"
+
+
+class StatsSink:
+    """Holds the report of the last finished run of a patched model."""
+
+    def __init__(self, technique: str):
+        self.technique = technique
+        self.last: RunStats | None = None
+
+
+def current_run(model_options: dict) -> RunStats | None:
+    """The RunStats of the run these model_options belong to (None outside a stats-attached run)."""
+    return model_options.get("transformer_options", {}).get(RUN_KEY)
+
+
+def _outer_sample(sink: StatsSink):
+    def wrapper(executor, *args, **kwargs):
+        guider = executor.class_obj
+        run = RunStats(sink.technique)
+        sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
+        run.sigmas = [float(s) for s in sigmas]
+        guider.model_options.setdefault("transformer_options", {})[RUN_KEY] = run
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            sink.last = run
+    return wrapper
+
+
+def _predict_noise(executor, x, timestep, model_options={}, seed=None):
+    run = current_run(model_options)
+    if run is not None:
+        run.begin_evaluation(float(timestep.flatten()[0]))
+    return executor(x, timestep, model_options, seed)
+
+
+def _apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+    run = transformer_options.get(RUN_KEY)
+    if run is not None:
+        run.count_rows(int(x.shape[0]), float(t.flatten()[0]))
+    return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+
+def attach_run_stats(model, technique: str) -> StatsSink:
+    """Install the stats wrappers on ``model`` (a clone the caller owns) and return its sink.
+
+    Installing again on a clone replaces only this pack's stats wrappers, so every technique node
+    reports through its own sink while other wrappers stay chained.
+    """
+    sink = StatsSink(technique)
+    for wrapper_type, wrapper in ((WrappersMP.OUTER_SAMPLE, _outer_sample(sink)),
+                                  (WrappersMP.PREDICT_NOISE, _predict_noise),
+                                  (WrappersMP.APPLY_MODEL, _apply_model)):
+        model.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
+        model.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, wrapper)
+    model.set_attachments(WRAPPER_KEY, sink)
+    return sink
+
+
+def stats_sink(model) -> StatsSink | None:
+    return model.get_attachment(WRAPPER_KEY)
