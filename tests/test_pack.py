@@ -1,0 +1,46 @@
+"""Packaging: registry metadata, `comfy node validate`, and the pure-math rule for samplers/."""
+import ast
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PURE_PACKAGES = ("samplers", "toyworld")
+
+
+def test_pure_packages_import_nothing_from_comfyui():
+    offenders = []
+    for package in PURE_PACKAGES:
+        for path in (REPO / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+                offenders += [f"{path.relative_to(REPO)}: {n}" for n in names
+                              if n.split(".")[0] in {"comfy", "comfy_api", "comfy_extras", "nodes", "folder_paths",
+                                                     "server", "execution", "node_helpers"}]
+    assert offenders == []
+
+
+def test_samplers_import_without_comfyui_on_the_path():
+    code = "import sys; sys.path[:] = [p for p in sys.path if 'comfyui' not in p]; import samplers.run_stats"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_registry_metadata():
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert meta["project"]["name"] == "guidance-kit"
+    assert meta["project"]["license"] == {"file": "LICENSE"}
+    assert "GNU GENERAL PUBLIC LICENSE" in (REPO / "LICENSE").read_text()[:200]
+    comfy = meta["tool"]["comfy"]
+    assert comfy["DisplayName"] == "Guidance Kit" and comfy["PublisherId"] and comfy["Icon"]
+    assert comfy["requires-comfyui"].startswith(">=")
+
+
+def test_comfy_node_validate_is_clean():
+    comfy = Path(sys.executable).parent / "comfy"
+    result = subprocess.run([str(comfy), "--skip-prompt", "--no-enable-telemetry", "node", "validate"], cwd=REPO,
+                            capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "warning" not in output.lower() and "error" not in output.lower(), output
