@@ -6,7 +6,7 @@ CFGGuider (it *is* one, over a cloned model), plus model rows counted per evalua
 import comfy.samplers
 from comfy_api.latest import io
 
-from .run_stats import attach_run_stats
+from .run_stats import attach_run_stats, node_id_of
 
 CATEGORY = "Guidance Kit"
 
@@ -28,13 +28,17 @@ class ReferenceCFGGuider(io.ComfyNode):
                                tooltip="Classifier-free guidance scale."),
             ],
             outputs=[io.Guider.Output()],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
     def execute(cls, model, positive, negative, cfg) -> io.NodeOutput:
         patched = model.clone()
-        attach_run_stats(patched, "CFG")
+        attach_run_stats(patched, "CFG", node_id_of(cls))
         guider = comfy.samplers.CFGGuider(patched)
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
         return io.NodeOutput(guider)
+
+
+NODES = [ReferenceCFGGuider]

@@ -10,7 +10,6 @@
 Other packs' wrappers are untouched (keys keep them apart).  No state survives a run except the
 published report, which only readers (the stats node, tests, benchmarks) look at.
 """
-import comfy.patcher_extension
 from comfy.patcher_extension import WrappersMP
 
 from ..samplers.run_stats import RunStats
@@ -20,10 +19,13 @@ RUN_KEY = "guidance_kit.run"
 
 
 class StatsSink:
-    """Holds the report of the last finished run of a patched model."""
+    """Holds the report of the last finished run of a patched model.
 
-    def __init__(self, technique: str):
+    ``node_id`` is the workflow node that installed the stats (its summary is shown there)."""
+
+    def __init__(self, technique: str, node_id: str | None = None):
         self.technique = technique
+        self.node_id = node_id
         self.last: RunStats | None = None
 
 
@@ -60,13 +62,13 @@ def _apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, 
     return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
 
-def attach_run_stats(model, technique: str) -> StatsSink:
+def attach_run_stats(model, technique: str, node_id: str | None = None) -> StatsSink:
     """Install the stats wrappers on ``model`` (a clone the caller owns) and return its sink.
 
     Installing again on a clone replaces only this pack's stats wrappers, so every technique node
     reports through its own sink while other wrappers stay chained.
     """
-    sink = StatsSink(technique)
+    sink = StatsSink(technique, node_id)
     for wrapper_type, wrapper in ((WrappersMP.OUTER_SAMPLE, _outer_sample(sink)),
                                   (WrappersMP.PREDICT_NOISE, _predict_noise),
                                   (WrappersMP.APPLY_MODEL, _apply_model)):
@@ -74,6 +76,12 @@ def attach_run_stats(model, technique: str) -> StatsSink:
         model.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, wrapper)
     model.set_attachments(WRAPPER_KEY, sink)
     return sink
+
+
+def node_id_of(node_cls) -> str | None:
+    """The executing workflow node's id (None when a node class is called outside the executor)."""
+    hidden = getattr(node_cls, "hidden", None)
+    return getattr(hidden, "unique_id", None)
 
 
 def stats_sink(model) -> StatsSink | None:
