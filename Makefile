@@ -9,7 +9,7 @@ HOST_DIR := $(or $(COMFYUI_DIR),$(CURDIR)/.comfyui)
 STAMP := $(VENV)/.provisioned
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: comfyui test test-fast demo serve bench train-toyworld validate pack
+.PHONY: comfyui test test-browser demo serve bench train-toyworld validate
 
 comfyui: $(STAMP)
 	@$(PY) scripts/provision_comfyui.py
@@ -22,8 +22,15 @@ $(STAMP): requirements-dev.txt scripts/provision_comfyui.py
 	$(PY) -m pip install -q --disable-pip-version-check -r $(VENV)/comfyui-requirements.txt -r requirements-dev.txt
 	touch $@
 
+# The browser tests need Debian's chromium and the Python playwright driver (idempotent install).
 test: comfyui
+	bash scripts/install_browser.sh $(PY)
 	$(PYTEST) tests
+
+# Only the tests that drive the real frontend in headless Chromium (tests/browser/, marker `browser`).
+test-browser: comfyui
+	bash scripts/install_browser.sh $(PY)
+	$(PYTEST) -m browser tests/browser
 
 demo: comfyui
 	$(PY) scripts/demo.py
@@ -35,7 +42,7 @@ bench: comfyui
 	$(PY) bench/$(B).py --quick
 
 train-toyworld: comfyui
-	$(PY) -m toyworld.train --stage all
+	$(PY) -m toyworld.train --stage all --seed 0
 
 validate: comfyui
 	$(VENV)/bin/comfy --skip-prompt --no-enable-telemetry node validate

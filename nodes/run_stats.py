@@ -9,13 +9,22 @@
 
 Other packs' wrappers are untouched (keys keep them apart).  No state survives a run except the
 published report, which only readers (the stats node, tests, benchmarks) look at.
+
+In the server, a finished run whose sink knows its workflow node is also announced to the browser
+that queued the prompt (``RUN_SUMMARY_EVENT``, shown on that node by ``web/guidance_kit.js``).
 """
+import logging
+import sys
+
 from comfy.patcher_extension import WrappersMP
 
 from ..samplers.run_stats import RunStats
 
+logger = logging.getLogger(__name__)
+
 WRAPPER_KEY = "guidance_kit.run_stats"
 RUN_KEY = "guidance_kit.run"
+RUN_SUMMARY_EVENT = "guidance_kit.run_summary"
 
 
 class StatsSink:
@@ -45,7 +54,25 @@ def _outer_sample(sink: StatsSink):
             return executor(*args, **kwargs)
         finally:
             sink.last = run
+            _announce(sink, run)
     return wrapper
+
+
+def _announce(sink: StatsSink, run: RunStats) -> None:
+    """Send the run's summary to the browser that queued the prompt (only inside the server, only
+    for a sink with a node id); a UI failure never breaks sampling."""
+    server_module = sys.modules.get("server")  # imported by ComfyUI's main.py, absent in-process
+    if sink.node_id is None or server_module is None:
+        return
+    try:
+        server = getattr(server_module.PromptServer, "instance", None)
+        if server is None or server.client_id is None:
+            return
+        server.send_sync(RUN_SUMMARY_EVENT, {"node": sink.node_id, "technique": run.technique, "text": run.summary(),
+                                             "steps": run.steps, "rows": run.rows,
+                                             "baseline_rows": run.baseline_rows}, server.client_id)
+    except Exception:
+        logger.warning("Guidance Kit: could not send the run summary to the UI", exc_info=True)
 
 
 def _predict_noise(executor, x, timestep, model_options={}, seed=None):

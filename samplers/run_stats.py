@@ -5,8 +5,13 @@ guider, so a multi-evaluation sampler such as Heun opens two per step) appends a
 ``Evaluation`` holding the noise level, the model rows actually evaluated, the rows plain CFG
 would have cost, and any technique signals (e.g. a cosine similarity).  Events mark decisions
 (e.g. "switch to conditional only") at the evaluation where they happened.
+
+Steps are read off the sampling schedule (``sigmas``): an evaluation at sigma_i belongs to step
+i + 1, one between two schedule entries (a midpoint of a second-order sampler) to a fractional
+position, so reports speak in the sampler's steps whatever the sampler.
 """
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 
 @dataclass
@@ -47,8 +52,10 @@ class RunStats:
         evaluation.rows += rows
 
     def signal(self, **values) -> None:
-        """Attach technique signals (floats, lists of floats) to the open evaluation."""
-        self.current.signals.update(values)
+        """Attach technique signals (floats, lists of floats; tensors are stored as lists) to the
+        open evaluation."""
+        self.current.signals.update({name: value.tolist() if hasattr(value, "tolist") else value
+                                     for name, value in values.items()})
 
     def mark(self, label: str) -> None:
         """Record a decision at the open evaluation."""
@@ -66,11 +73,41 @@ class RunStats:
     def rows_saved(self) -> int:
         return self.baseline_rows - self.rows
 
+    @property
+    def steps(self) -> int:
+        """Sampler steps of the schedule (the number of evaluations when no schedule was recorded)."""
+        return len(self.sigmas) - 1 if len(self.sigmas) > 1 else len(self.evaluations)
+
+    def position(self, index: int) -> float:
+        """Where evaluation ``index`` lies in the schedule, in steps from the start: i at sigma_i,
+        fractional between two schedule entries (the evaluation index without a schedule)."""
+        sigma, sigmas = self.evaluations[index].sigma, self.sigmas
+        if len(sigmas) < 2:
+            return float(index)
+        for i, (high, low) in enumerate(pairwise(sigmas)):
+            if high >= sigma >= low:
+                return float(i) if high == low else i + (high - sigma) / (high - low)
+        return 0.0 if sigma > sigmas[0] else float(len(sigmas) - 1)
+
+    def step_of(self, index: int) -> int:
+        """The 1-based sampler step evaluation ``index`` belongs to."""
+        return min(int(self.position(index)) + 1, self.steps)
+
     def summary(self) -> str:
-        text = f"{self.technique}: {len(self.evaluations)} evaluations, {self.rows} model rows"
-        if self.rows_saved:
+        """One line for the UI, e.g. ``AG: 20 steps, 28 model rows, 12 of 40 saved vs CFG;
+        cond only at step 9/20``."""
+        steps = self.steps
+        text = f"{self.technique}: {steps} steps"
+        if len(self.evaluations) != steps:
+            text += f" ({len(self.evaluations)} model evaluations)"
+        text += f", {self.rows} model rows"
+        if self.rows_saved > 0:
             text += f", {self.rows_saved} of {self.baseline_rows} saved vs CFG"
+        elif self.rows_saved < 0:
+            text += f", {-self.rows_saved} more than CFG's {self.baseline_rows}"
         if self.events:
-            step, label = self.events[0]
-            text += f"; {label} at evaluation {step + 1}/{len(self.evaluations)}"
+            index, label = self.events[0]
+            text += f"; {label} at step {self.step_of(index)}/{steps}"
+            if len(self.events) > 1:
+                text += f" (+{len(self.events) - 1} more decisions)"
         return text

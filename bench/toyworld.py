@@ -1,0 +1,49 @@
+"""The toy world's quality bar: plain CFG vs unguided sampling, judged by the oracle.
+
+20 Euler steps (``simple`` schedule, i.e. sigmas linear from 1 to 0), CFG scale ``CFG_SCALE``;
+4 images per prompt (2 with --quick, which also takes every other prompt).  Reports, on the
+validation set (never tuned on): ``single_pass``, ``relation_pass``, ``implied_pass`` with CFG and
+``uncond_single_pass`` with cfg 1, plus the dev-set figures and rows/blocks/time.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.append(str(Path(__file__).resolve().parent))
+
+import runner  # noqa: E402
+
+CFG_SCALE = 4.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="half the prompts, 2 seeds (about 1-2 minutes)")
+    parser.add_argument("--cfg", type=float, default=CFG_SCALE)
+    args = parser.parse_args()
+    seeds = 2 if args.quick else 4
+    world = runner.load_world()
+    figures = {"cfg_scale": args.cfg, "seeds": seeds, "steps": 20}
+    for split in ("dev", "validation"):
+        prompts = runner.prompt_set(split, args.quick)
+        guided = runner.run(world, f"cfg{args.cfg:g}-{split}", runner.cfg(args.cfg), prompts, seeds=seeds)
+        singles = [p for p in prompts if p[1]["kind"] == "single"]
+        unguided = runner.run(world, f"cfg1-{split}", runner.cfg(1.0), singles, seeds=seeds)
+        prefix = "" if split == "validation" else "dev_"
+        figures.update({
+            f"{prefix}single_pass": guided.pass_rate("single"),
+            f"{prefix}relation_pass": guided.pass_rate("relation"),
+            f"{prefix}implied_pass": guided.pass_rate("mirror"),
+            f"{prefix}uncond_single_pass": unguided.pass_rate("single"),
+            f"{prefix}cfg_rows": guided.rows,
+            f"{prefix}cfg_blocks": guided.blocks,
+            f"{prefix}cfg_seconds": round(guided.seconds, 2),
+            f"{prefix}images": len(guided.verdicts),
+        })
+        for fact in runner.FACTS:
+            figures[f"{prefix}{fact}_correct"] = guided.pass_rate(fact=fact)
+    runner.emit(figures)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""Reproducible training of the toy-world models (CPU, about an hour on 2 shared cores:
+roughly 1 s per main step, 0.3 s per weak step, 0.15 s per classifier step).
+
+Command (from the repository root; resumable, checkpoints and ``train.log`` in ``--work``)::
+
+    python -m toyworld.train --stage all --seed 0
+
+Stages (``--stage main|weak|classifier|all``, run in that order for ``all``):
+
+* main: ToyDiT (width 128, depth 8) + ToyTextEncoder trained jointly, 2400 steps of batch 64.
+* weak: ToyDiT (width 96, depth 4), 500 steps of batch 64, conditioned by the *saved main text encoder*,
+  frozen, so it takes the same conditioning (the Autoguidance guide model).
+* classifier: ToyClassifier on clean single-object scenes (light Gaussian pixel noise,
+  std 0.05, as augmentation), 800 steps of batch 128; the "off-the-shelf" classifier.
+
+Design decisions:
+
+* Rectified flow as ComfyUI's CONST model type with ModelSamplingDiscreteFlow(shift=1,
+  multiplier=1000): x0 = image*2-1, x_t = (1-sigma)*x0 + sigma*noise, timesteps = sigma*1000,
+  target velocity = noise - x0, MSE loss. sigma ~ logit-normal(0, 1) (sigmoid of a standard
+  normal, as SD3): it concentrates training on mid noise levels, where the prompt decides the
+  image (a run with uniform sigma learned colours slower within this step budget).
+* Prompt dropout 0.15: tokens replaced by the empty prompt (all PAD), the unconditional.
+* Data: fresh scenes every step, 50% single / 30% relation / 20% mirror; batch ``step`` of a
+  stage draws from ``np.random.default_rng([seed, stage_index, step])`` and its torch noise from a
+  generator seeded the same way, so a resumed run sees exactly the data of an uninterrupted one.
+* AdamW (lr 5e-4 for DiTs, 1e-3 for the classifier, weight decay 0.01), linear warm-up over
+  the first 5% of steps, cosine decay to 10%; gradient clipping at 1.0; EMA of the weights
+  (decay min(0.999, (1+step)/(10+step))); the EMA weights are what gets saved.
+* Checkpoints ``<work>/<stage>.ckpt.safetensors`` (model, EMA and AdamW state as tensors,
+  step and config as JSON metadata) every 250 steps; no pickle anywhere.
+* ``--stop-at N`` stops a stage at step N of its schedule (``--stage main --stop-at 0`` writes
+  interim weights from the latest checkpoint while another process keeps training).
+* Final weights (float16, see ``weights.py``) go to ``--out`` (default toyworld/weights/); the
+  last line printed is a JSON object with each stage's final mean loss.
+"""
+
+import os
+
+# OpenMP threads that spin while waiting collapse throughput on shared cores (10x measured);
+# this must be set before torch loads its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from . import scenes, weights
+from .model import ToyClassifier, ToyDiT, ToyTextEncoder
+
+KIND_MIX = {"single": 0.5, "relation": 0.3, "mirror": 0.2}
+PROMPT_DROPOUT = 0.15
+CLASSIFIER_NOISE = 0.05
+EMA_DECAY = 0.999
+CHECKPOINT_EVERY = 250
+STAGES = ("main", "weak", "classifier")
+DEFAULT_STEPS = {"main": 2400, "weak": 500, "classifier": 800}
+DEFAULT_BATCH = {"main": 64, "weak": 64, "classifier": 128}
+LEARNING_RATE = {"main": 5e-4, "weak": 5e-4, "classifier": 1e-3}
+MAIN_DIT = {"width": 128, "depth": 8, "heads": 4, "context_dim": 128}
+WEAK_DIT = {"width": 96, "depth": 4, "heads": 4, "context_dim": 128}
+TEXT_ENCODER = {"vocab_size": len(scenes.VOCAB), "dim": 128, "layers": 2, "heads": 4, "max_tokens": scenes.MAX_TOKENS}
+
+
+def images_to_tensor(images):
+    """uint8 [B,H,W,3] images -> float [B,3,H,W] in [-1, 1]."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def scene_batch(rng, batch, kind_mix):
+    kinds = rng.choice(list(kind_mix), size=batch, p=list(kind_mix.values()))
+    return [scenes.sample_scene(rng, kind) for kind in kinds]
+
+
+def flow_matching_loss(dit, text_encoder, batch_scenes, generator):
+    """Rectified-flow velocity MSE with prompt dropout (see module docstring)."""
+    x0 = images_to_tensor([s.image for s in batch_scenes])
+    tokens = torch.tensor([scenes.tokenize(s.prompt) for s in batch_scenes])
+    size = len(batch_scenes)
+    dropped = torch.rand(size, generator=generator) < PROMPT_DROPOUT
+    tokens = tokens.masked_fill(dropped[:, None], scenes.TOKEN_ID[scenes.PAD])
+    sigma = torch.sigmoid(torch.randn(size, generator=generator))
+    noise = torch.randn(x0.shape, generator=generator)
+    x_t = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
+    return F.mse_loss(dit(x_t, sigma * 1000, text_encoder(tokens)), noise - x0)
+
+
+def classifier_labels(specs):
+    """{head: LongTensor} targets for single-object specs."""
+    objects = [spec["objects"][0] for spec in specs]
+    return {"colour": torch.tensor([scenes.COLOURS.index(o["colour"]) for o in objects]),
+            "shape": torch.tensor([scenes.SHAPES.index(o["shape"]) for o in objects]),
+            "position": torch.tensor([scenes.POSITIONS.index(o["position"]) for o in objects])}
+
+
+def classifier_loss(classifier, batch_scenes, generator):
+    images = images_to_tensor([s.image for s in batch_scenes])
+    images = images + CLASSIFIER_NOISE * torch.randn(images.shape, generator=generator)
+    logits = classifier(images)
+    labels = classifier_labels([s.spec for s in batch_scenes])
+    return sum(F.cross_entropy(logits[name], labels[name]) for name in logits)
+
+
+class StageRun:
+    """Optimiser, EMA, schedule, logging and safetensors checkpoints of one training stage."""
+
+    def __init__(self, name, modules, steps, lr, work_dir):
+        self.name, self.modules, self.steps, self.peak_lr = name, modules, steps, lr
+        self.ema = {prefix: _frozen_copy(module) for prefix, module in modules.items()}
+        self.params = [p for module in modules.values() for p in module.parameters()]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.01)
+        self.checkpoint = Path(work_dir) / f"{name}.ckpt.safetensors"
+        self.log_file = Path(work_dir) / "train.log"
+        self.step = 0
+        if self.checkpoint.exists():
+            self._load()
+
+    def lr(self, step):
+        warmup = max(1, self.steps // 20)
+        if step < warmup:
+            return self.peak_lr * (step + 1) / warmup
+        progress = (step - warmup) / max(1, self.steps - warmup)
+        return self.peak_lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+    def update(self, loss):
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        decay = min(EMA_DECAY, (1 + self.step) / (10 + self.step))
+        with torch.no_grad():
+            for prefix, module in self.modules.items():
+                for ema_param, param in zip(self.ema[prefix].parameters(), module.parameters()):
+                    ema_param.lerp_(param, 1 - decay)
+        self.step += 1
+        if self.step % CHECKPOINT_EVERY == 0:
+            self.save()
+
+    def log(self, record):
+        line = json.dumps({"stage": self.name, **record})
+        tqdm.write(line)
+        with open(self.log_file, "a") as handle:
+            handle.write(line + "\n")
+
+    def _tensors(self):
+        tensors = {f"{kind}.{prefix}.{key}": value.detach().contiguous()
+                   for kind, modules in (("model", self.modules), ("ema", self.ema))
+                   for prefix, module in modules.items() for key, value in module.state_dict().items()}
+        for index, state in self.optimizer.state_dict()["state"].items():
+            tensors.update({f"optim.{index}.{key}": torch.as_tensor(value) for key, value in state.items()})
+        return tensors
+
+    def save(self):
+        configs = {prefix: module.config for prefix, module in self.modules.items()}
+        temporary = self.checkpoint.with_suffix(".tmp")
+        save_file(self._tensors(), str(temporary),
+                  metadata={"step": str(self.step), "steps": str(self.steps), "config": json.dumps(configs)})
+        temporary.replace(self.checkpoint)
+
+    def _load(self):
+        with safe_open(str(self.checkpoint), framework="pt") as handle:
+            metadata = handle.metadata()
+            configs = {prefix: module.config for prefix, module in self.modules.items()}
+            if json.loads(metadata["config"]) != configs or int(metadata["steps"]) != self.steps:
+                raise ValueError(f"{self.checkpoint} belongs to a different configuration or step count")
+            tensors = {key: handle.get_tensor(key) for key in list(handle.keys())}
+        for kind, modules in (("model", self.modules), ("ema", self.ema)):
+            for prefix, module in modules.items():
+                start = f"{kind}.{prefix}."
+                module.load_state_dict({k[len(start):]: v for k, v in tensors.items() if k.startswith(start)})
+        state = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        self.optimizer.load_state_dict({"state": state, "param_groups": self.optimizer.state_dict()["param_groups"]})
+        self.step = int(metadata["step"])
+
+
+def _frozen_copy(module):
+    copy = type(module)(**module.config)
+    copy.load_state_dict(module.state_dict())
+    return copy.requires_grad_(False)
+
+
+def run_stage(run, loss_fn, seed, stage_index, batch, kind_mix, log_every, stop_at=None):
+    """Train ``run`` to its step count (or to ``stop_at``); returns the mean loss of the last
+    logging window, None if no step ran."""
+    window, final_loss, started = [], None, time.time()
+    end = run.steps if stop_at is None else min(run.steps, stop_at)
+    progress = tqdm(range(run.step, end), desc=run.name, initial=run.step, total=run.steps)
+    for step in progress:
+        rng = np.random.default_rng([seed, stage_index, step])
+        generator = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+        loss = loss_fn(scene_batch(rng, batch, kind_mix), generator)
+        run.update(loss)
+        window.append(loss.item())
+        if run.step % log_every == 0 or run.step == end:
+            seconds = (time.time() - started) / (step + 1 - progress.initial)
+            run.log({"step": run.step, "loss": float(np.mean(window)), "lr": run.lr(step), "s_per_step": seconds})
+            final_loss, window = float(np.mean(window)), []
+    if end > progress.initial and run.step % CHECKPOINT_EVERY:
+        run.save()
+    return final_loss
+
+
+def train_main(args, steps):
+    dit, text_encoder = ToyDiT(**MAIN_DIT), ToyTextEncoder(**TEXT_ENCODER)
+    run = StageRun("main", {"diffusion_model": dit, "text_encoder": text_encoder}, steps, LEARNING_RATE["main"], args.work)
+    loss = run_stage(run, lambda batch, g: flow_matching_loss(dit, text_encoder, batch, g),
+                     args.seed, 0, args.batch or DEFAULT_BATCH["main"], KIND_MIX, args.log_every, args.stop_at)
+    weights.save_modules(Path(args.out) / weights.MAIN_WEIGHTS.name, run.ema, {"steps": str(steps), "seed": str(args.seed)})
+    return loss
+
+
+def train_weak(args, steps):
+    _, text_encoder = weights.load_main(Path(args.out) / weights.MAIN_WEIGHTS.name)
+    text_encoder.requires_grad_(False)
+    dit = ToyDiT(**WEAK_DIT)
+    run = StageRun("weak", {"diffusion_model": dit}, steps, LEARNING_RATE["weak"], args.work)
+    loss = run_stage(run, lambda batch, g: flow_matching_loss(dit, text_encoder, batch, g),
+                     args.seed, 1, args.batch or DEFAULT_BATCH["weak"], KIND_MIX, args.log_every, args.stop_at)
+    weights.save_modules(Path(args.out) / weights.WEAK_WEIGHTS.name, run.ema, {"steps": str(steps), "seed": str(args.seed)})
+    return loss
+
+
+def train_classifier(args, steps):
+    classifier = ToyClassifier(len(scenes.COLOURS), len(scenes.SHAPES), len(scenes.POSITIONS))
+    run = StageRun("classifier", {"classifier": classifier}, steps, LEARNING_RATE["classifier"], args.work)
+    loss = run_stage(run, lambda batch, g: classifier_loss(classifier, batch, g),
+                     args.seed, 2, args.batch or DEFAULT_BATCH["classifier"], {"single": 1.0}, args.log_every, args.stop_at)
+    weights.save_modules(Path(args.out) / weights.CLASSIFIER_WEIGHTS.name, run.ema,
+                         {"steps": str(steps), "seed": str(args.seed), "labels": json.dumps(
+                             {"colour": scenes.COLOURS, "shape": scenes.SHAPES, "position": scenes.POSITIONS})})
+    return loss
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--stage", choices=(*STAGES, "all"), default="all")
+    parser.add_argument("--steps", type=int, help="steps for every selected stage (default: per stage)")
+    parser.add_argument("--batch", type=int, help="batch size for every selected stage (default: per stage)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(weights.WEIGHTS_DIR), help="directory for the final weight files")
+    parser.add_argument("--work", default=".toyworld-train", help="checkpoint and log directory")
+    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--stop-at", type=int, help="train only up to this step of each selected stage's schedule "
+                        "(resumable later) and write its weights from the checkpoint EMA; 0 exports the checkpoint")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    trainers = {"main": train_main, "weak": train_weak, "classifier": train_classifier}
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    losses = {}
+    for stage in stages:
+        torch.manual_seed(args.seed * 1000 + STAGES.index(stage))
+        losses[stage] = trainers[stage](args, args.steps or DEFAULT_STEPS[stage])
+    print(json.dumps({"final_loss": losses, "out": args.out}))
+
+
+if __name__ == "__main__":
+    main()
