@@ -1,0 +1,412 @@
+"""LinearAG in ComfyUI: calibrate, load, and apply (GUIDER and MODEL patch) the regression of
+samplers/linear_ag.py.
+
+* Calibration runs full-CFG trajectories of the given MODEL (stock CFGGuider, the chosen sampler
+  and scheduler) over a prompt list x the latent's batch, records every evaluation's latent and
+  conditional/unconditional predictions, fits the per-(anchor, target) coefficients by least
+  squares and saves them to ``models/linear_ag/<name>.safetensors`` with metadata: model identity
+  (class + a hash of four weight tensors; LoRA/weight patches are not part of it), model type,
+  sampler, scheduler, steps, the exact sigma schedule, CFG scale, negative prompt (text and a
+  fingerprint of its conditioning).
+* The apply forms share Adaptive Guidance's uncond-skipping patch (nodes/adaptive_guidance.py):
+  per run, the evaluations follow ``step_pattern`` (true CFG / regressed / conditional only).
+* Mismatches: a calibration from another model is an error when the node runs.  A different
+  schedule (steps, scheduler, denoise, model sampling shift), sampler, latent channel count or
+  negative prompt is only known when sampling starts: a warning is logged, the run's statistics
+  get a mark, and that run uses true CFG throughout (never silently regressed garbage).
+"""
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import comfy.sample
+import comfy.sampler_helpers
+import comfy.samplers
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+from ..samplers import linear_ag as lag
+from .adaptive_guidance import CATEGORY, patch_uncond_skipping
+from .run_stats import node_id_of
+
+logger = logging.getLogger(__name__)
+FOLDER = "linear_ag"
+folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
+folder_paths.folder_names_and_paths[FOLDER][1].add(".safetensors")
+FORMAT = "guidance_kit.linear_ag/1"
+TENSOR_KEYS = ("coefficients", "evaluation_sigmas", "schedule", "negative_fingerprint")
+FINGERPRINT_SIZE = 4096
+SIGMA_RTOL = 1e-4
+LinearAGCalibration = io.Custom("GUIDANCE_KIT_LINEAR_AG")
+
+
+def model_identity(model) -> str:
+    """Model class + SHA-256 of the first and last two weight tensors of the diffusion model."""
+    state = model.model.diffusion_model.state_dict()
+    names = sorted(state)
+    digest = hashlib.sha256(type(model.model).__name__.encode())
+    for name in names[:2] + names[-2:]:
+        tensor = state[name].detach().float().cpu().contiguous()
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.flatten()[:65536].numpy().tobytes())
+    return f"{type(model.model).__name__}:{digest.hexdigest()[:16]}"
+
+
+def negative_fingerprint(cond_list) -> torch.Tensor:
+    """Evenly strided sample (≤ 4096 values) of the negative's cross-attention conditioning."""
+    tensors = [entry["cross_attn"].flatten().float().cpu() for entry in cond_list or [] if "cross_attn" in entry]
+    if not tensors:
+        return torch.zeros(0)
+    flat = torch.cat(tensors)
+    return flat[::max(1, flat.numel() // FINGERPRINT_SIZE)][:FINGERPRINT_SIZE].contiguous()
+
+
+def fingerprints_match(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape:
+        return False
+    if a.numel() == 0:
+        return True
+    return float((a - b).abs().max()) <= 1e-2 * float(b.std().clamp_min(1e-6))
+
+
+@dataclass
+class Calibration:
+    coefficients: torch.Tensor          # [E, E, C, K]
+    evaluation_sigmas: torch.Tensor     # [E]
+    schedule: torch.Tensor              # [steps + 1]
+    negative_fingerprint: torch.Tensor  # [≤ 4096]
+    info: dict = field(default_factory=dict)
+
+    @property
+    def evaluations(self) -> int:
+        return self.coefficients.shape[0]
+
+    @property
+    def terms(self) -> tuple[str, ...]:
+        return tuple(self.info["terms"])
+
+    def save(self, path) -> None:
+        tensors = {key: getattr(self, key).float().contiguous() for key in TENSOR_KEYS}
+        save_file(tensors, str(path), metadata={"format": FORMAT, **{k: json.dumps(v) for k, v in self.info.items()}})
+
+    @classmethod
+    def load(cls, path) -> "Calibration":
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != FORMAT:
+                raise ValueError(f"LinearAG: {path} is not a LinearAG calibration (format {metadata.get('format')!r})")
+            if set(handle.keys()) != set(TENSOR_KEYS):
+                raise ValueError(f"LinearAG: {path} has tensors {sorted(handle.keys())}, expected {sorted(TENSOR_KEYS)}")
+            tensors = {key: handle.get_tensor(key) for key in TENSOR_KEYS}
+        info = {k: json.loads(v) for k, v in metadata.items() if k != "format"}
+        terms = lag.validate_terms(info.get("terms", ()))
+        c = tensors["coefficients"]
+        consistent = c.ndim == 4 and c.shape[0] == c.shape[1] and c.shape[3] == len(terms) \
+            and tensors["evaluation_sigmas"].shape == c.shape[:1] and tensors["schedule"].ndim == 1 \
+            and tensors["negative_fingerprint"].ndim == 1 and bool(torch.isfinite(c).all())
+        if not consistent:
+            raise ValueError(f"LinearAG: {path}: inconsistent shapes or non-finite coefficients "
+                             f"{ {k: tuple(v.shape) for k, v in tensors.items()} }")
+        return cls(**tensors, info=info)
+
+    def describe(self) -> str:
+        i = self.info
+        return (f"{i.get('model')} {i.get('sampler')}/{i.get('scheduler')} {i.get('steps')} steps, "
+                f"cfg {i.get('cfg')}, negative {i.get('negative_prompt')!r}")
+
+
+def full_cfg_trajectories(model, positives: list, negative, latent: dict, *, seed: int, steps: int, cfg: float,
+                          sampler_name: str, scheduler: str, on_step=None):
+    """For each positive CONDITIONING, a full-CFG run (stock CFGGuider) of the latent's batch, noise
+    from ``seed + index``; yields (xs, conds, unconds, evaluation_sigmas, samples) per prompt."""
+    if cfg <= 1.0:
+        raise ValueError(f"LinearAG calibration: cfg must be > 1 (the unconditional is what is fitted), got {cfg}")
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
+    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    for index, positive in enumerate(positives):
+        record = {"x": [], "cond": [], "uncond": [], "sigma": []}
+        recorder = model.clone()
+        previous = recorder.model_options.get("sampler_calc_cond_batch_function")
+
+        def calc_cond_batch(args, record=record, previous=previous):
+            out = previous(args) if previous else comfy.samplers.calc_cond_batch(
+                args["model"], args["conds"], args["input"], args["sigma"], args["model_options"])
+            record["x"].append(args["input"].detach().cpu())
+            record["cond"].append(out[0].detach().cpu())
+            record["uncond"].append(out[1].detach().cpu())
+            record["sigma"].append(float(args["sigma"].flatten()[0]))
+            return out
+
+        recorder.set_model_sampler_calc_cond_batch_function(calc_cond_batch)
+        guider = comfy.samplers.CFGGuider(recorder)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(cfg)
+        noise = comfy.sample.prepare_noise(latent_image, seed + index)
+        callback = (lambda step, denoised, x, total: on_step()) if on_step else None
+        samples = guider.sample(noise, latent_image, comfy.samplers.sampler_object(sampler_name), sigmas,
+                                callback=callback, disable_pbar=True, seed=seed + index)
+        yield record["x"], record["cond"], record["uncond"], torch.tensor(record["sigma"]), samples
+
+
+def calibrate(model, positives: list, negative, latent: dict, *, seed: int, steps: int, cfg: float, sampler_name: str,
+              scheduler: str, negative_prompt: str = "", terms=lag.TERMS, node_id=None) -> Calibration:
+    """Fit LinearAG's coefficients on full-CFG trajectories (progress bar: one tick per step)."""
+    if not positives:
+        raise ValueError("LinearAG calibration: prompts is empty; give at least one prompt (one per line)")
+    progress = comfy.utils.ProgressBar(len(positives) * steps, node_id=node_id)
+    fit, evaluation_sigmas = None, None
+    for xs, conds, unconds, sigmas, _ in full_cfg_trajectories(
+            model, positives, negative, latent, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
+            scheduler=scheduler, on_step=lambda: progress.update(1)):
+        if fit is None:
+            fit, evaluation_sigmas = lag.LeastSquaresFit(len(xs), xs[0].shape[1], terms), sigmas
+        fit.add_trajectory(xs, conds, unconds)
+    schedule = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
+    sampler = comfy.samplers.sampler_object(sampler_name)
+    info = {"model": model_identity(model), "model_type": model.model.model_type.name, "sampler": sampler_name,
+            "sampler_function": getattr(sampler.sampler_function, "__name__", ""), "scheduler": scheduler,
+            "steps": steps, "cfg": cfg, "negative_prompt": negative_prompt, "prompts": len(positives),
+            "images": len(positives) * int(latent["samples"].shape[0]), "terms": list(fit.terms),
+            "latent_shape": list(latent["samples"].shape[1:])}
+    return Calibration(fit.solve(), evaluation_sigmas, schedule,
+                       negative_fingerprint(comfy.sampler_helpers.convert_cond(negative)), info)
+
+
+class LinearAGRun:
+    """Per-run state: the pattern, the current anchor, and the first mismatch found (if any)."""
+
+    def __init__(self, calibration: Calibration, pattern: list[str], sigmas, sampler):
+        self.calibration = calibration
+        self.pattern = pattern
+        self.evaluation = 0
+        self.anchor = None     # {"index", "x", "cond", "uncond"} of the last true-CFG evaluation
+        self.previous = None   # {"x", "cond"} of the previous evaluation
+        self.problem = None
+        self.reported = False
+        schedule = calibration.schedule
+        function = getattr(getattr(sampler, "sampler_function", None), "__name__", None)
+        if sigmas.shape != schedule.shape or not torch.allclose(sigmas.float().cpu(), schedule, rtol=SIGMA_RTOL,
+                                                                  atol=1e-6):
+            self.problem = (f"the sigma schedule ({len(sigmas) - 1} steps) differs from the calibrated one "
+                            f"({calibration.info.get('steps')} steps, {calibration.info.get('scheduler')})")
+        elif function and calibration.info.get("sampler_function") and function != calibration.info["sampler_function"]:
+            self.problem = f"sampler {function} differs from the calibrated {calibration.info['sampler_function']}"
+
+    def check(self, evaluator) -> None:
+        """Detect mismatches visible only at an evaluation (first one: negative, channels; each: sigma)."""
+        calibration = self.calibration
+        j = self.evaluation
+        if self.problem is None and j == 0:
+            if evaluator.x.shape[1] != calibration.coefficients.shape[2]:
+                self.problem = (f"latent has {evaluator.x.shape[1]} channels, calibrated "
+                                f"{calibration.coefficients.shape[2]}")
+            elif not fingerprints_match(negative_fingerprint(evaluator.uncond), calibration.negative_fingerprint):
+                self.problem = f"negative prompt differs from the calibrated {calibration.info.get('negative_prompt')!r}"
+        if self.problem is None:
+            if j >= calibration.evaluations:
+                self.problem = f"more evaluations than the {calibration.evaluations} calibrated"
+            elif abs(evaluator.sigma - float(calibration.evaluation_sigmas[j])) > \
+                    SIGMA_RTOL * abs(float(calibration.evaluation_sigmas[j])) + 1e-6:
+                self.problem = (f"evaluation {j} at sigma {evaluator.sigma:.5g}, calibrated at "
+                                f"{float(calibration.evaluation_sigmas[j]):.5g}")
+
+
+def linear_ag_step(state: LinearAGRun, evaluator, run):
+    """One evaluation: true CFG, regressed unconditional, or conditional only, per the pattern."""
+    state.check(evaluator)
+    j = state.evaluation
+    state.evaluation += 1
+    if state.problem is not None:
+        if not state.reported:
+            state.reported = True
+            message = f"LinearAG: {state.problem}; sampling with true CFG (recalibrate for this setting)"
+            logger.warning(message)
+            if run is not None:
+                run.mark(message)
+        return evaluator(True, True, None)
+    kind = state.pattern[j]
+    current = {"x": evaluator.x}
+    if kind == lag.TRUE:
+        current["cond"], uncond = evaluator(True, True, None)
+        state.anchor = {"index": j, "uncond": uncond, **current}
+    else:
+        current["cond"], _ = evaluator(True, False, None)
+        if run is not None and kind not in state.pattern[:j]:
+            run.mark(f"LinearAG: first {'regressed unconditional' if kind == lag.REGRESSED else 'conditional only'} step")
+        if kind == lag.CONDITIONAL:
+            uncond = current["cond"]
+        else:
+            values = lag.term_tensors(state.calibration.terms, current, state.anchor, state.previous)
+            uncond = lag.predict_uncond(state.calibration.coefficients[state.anchor["index"], j], values)
+    state.previous = current
+    return current["cond"], uncond
+
+
+def patch_linear_ag(model, calibration: Calibration, true_every: int, guided_until: float, node_id=None):
+    """Clone ``model`` with LinearAG installed; raises if the calibration is for another model."""
+    lag.step_pattern(calibration.evaluations, true_every, guided_until)  # validates the options
+    identity = model_identity(model)
+    if identity != calibration.info.get("model"):
+        raise ValueError(f"LinearAG: the calibration was fitted on model {calibration.info.get('model')}, "
+                         f"this MODEL is {identity}; calibrate this model (LinearAG Calibrate) first")
+
+    def start_run(guider, sigmas, sampler):
+        pattern = lag.step_pattern(calibration.evaluations, true_every, guided_until)
+        return LinearAGRun(calibration, pattern, sigmas, sampler)
+
+    return patch_uncond_skipping(model, "LinearAG", node_id, start_run, linear_ag_step)
+
+
+def calibration_files() -> list[str]:
+    return folder_paths.get_filename_list(FOLDER)
+
+
+def _pattern_inputs():
+    return [
+        io.Int.Input("true_every", default=2, min=1, max=100,
+                     tooltip="In the guided part, true CFG (2 rows) on every n-th evaluation starting with the "
+                             "first, the regressed unconditional (1 row) on the others. The paper: 2."),
+        io.Float.Input("guided_until", default=0.5, min=0.0, max=1.0, step=0.01,
+                       tooltip="Fraction of the evaluations that are guided (true or regressed); conditional "
+                               "only afterwards. The paper: 0.5."),
+    ]
+
+
+class LinearAGCalibrate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="GuidanceKitLinearAGCalibrate",
+            display_name="LinearAG Calibrate (Guidance Kit)",
+            category=CATEGORY,
+            description="Runs full-CFG trajectories of the model over the prompts and fits LinearAG's regression "
+                        "of the unconditional (saved to models/linear_ag/).",
+            is_output_node=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to calibrate (it is not modified)."),
+                io.Clip.Input("clip", tooltip="Text encoder for the prompts and the negative prompt."),
+                io.String.Input("prompts", multiline=True, default="",
+                                tooltip="Calibration prompts, one per line (a few dozen varied prompts is plenty)."),
+                io.String.Input("negative_prompt", default="", multiline=True,
+                                tooltip="The fixed negative prompt; LinearAG only applies with this negative."),
+                io.Latent.Input("latent", tooltip="Empty latent: its size and batch (images per prompt)."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff,
+                             tooltip="Noise seed of the first prompt (seed + i for prompt i)."),
+                io.Int.Input("steps", default=20, min=2, max=200, tooltip="Sampling steps (must match at use)."),
+                io.Float.Input("cfg", default=7.0, min=1.01, max=100.0, step=0.1, round=0.01,
+                               tooltip="CFG scale of the calibration runs (use the scale you will sample with)."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler",
+                               tooltip="Sampler (must match at use)."),
+                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="normal",
+                               tooltip="Scheduler (must match at use)."),
+                io.String.Input("filename", default="linear_ag",
+                                tooltip="File name in models/linear_ag/ (.safetensors is added; overwritten)."),
+            ],
+            outputs=[LinearAGCalibration.Output(display_name="linear_ag")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, prompts, negative_prompt, latent, seed, steps, cfg, sampler_name, scheduler,
+                filename) -> io.NodeOutput:
+        name = filename.strip().removesuffix(".safetensors")
+        if not name or os.path.basename(name) != name or name.startswith("."):
+            raise ValueError(f"LinearAG Calibrate: filename must be a plain file name, got {filename!r}")
+        lines = [line.strip() for line in prompts.splitlines() if line.strip()]
+        if not lines:
+            raise ValueError("LinearAG Calibrate: prompts is empty; give at least one prompt (one per line)")
+        positives = [_encode(clip, line) for line in lines]
+        calibration = calibrate(model, positives, _encode(clip, negative_prompt), latent, seed=seed, steps=steps,
+                                cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
+                                negative_prompt=negative_prompt, node_id=node_id_of(cls))
+        folder = folder_paths.get_folder_paths(FOLDER)[0]
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, name + ".safetensors")
+        calibration.save(path)
+        logger.info(f"LinearAG: saved {path} ({calibration.describe()})")
+        return io.NodeOutput(calibration)
+
+
+def _encode(clip, text):
+    tokens = clip.tokenize(text)
+    return clip.encode_from_tokens_scheduled(tokens)
+
+
+class LinearAGLoad(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="GuidanceKitLinearAGLoad",
+            display_name="LinearAG Load Calibration (Guidance Kit)",
+            category=CATEGORY,
+            inputs=[io.Combo.Input("calibration", options=calibration_files(),
+                                   tooltip="A file written by LinearAG Calibrate (models/linear_ag/).")],
+            outputs=[LinearAGCalibration.Output(display_name="linear_ag")],
+        )
+
+    @classmethod
+    def execute(cls, calibration) -> io.NodeOutput:
+        return io.NodeOutput(Calibration.load(folder_paths.get_full_path_or_raise(FOLDER, calibration)))
+
+
+class LinearAGGuider(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="GuidanceKitLinearAGGuider",
+            display_name="LinearAG Guider (Guidance Kit)",
+            category=CATEGORY,
+            description="CFG whose unconditional is predicted by a calibrated linear regression on most steps "
+                        "(LinearAG, arXiv 2312.12487). For SamplerCustomAdvanced.",
+            inputs=[
+                io.Model.Input("model", tooltip="The calibrated diffusion model (it is cloned, never modified)."),
+                io.Conditioning.Input("positive", tooltip="Conditioning to steer towards."),
+                io.Conditioning.Input("negative", tooltip="The calibrated negative prompt's conditioning."),
+                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale."),
+                LinearAGCalibration.Input("linear_ag", tooltip="From LinearAG Calibrate or LinearAG Load."),
+                *_pattern_inputs(),
+            ],
+            outputs=[io.Guider.Output()],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, cfg, linear_ag, true_every, guided_until) -> io.NodeOutput:
+        guider = comfy.samplers.CFGGuider(patch_linear_ag(model, linear_ag, true_every, guided_until, node_id_of(cls)))
+        guider.set_conds(positive, negative)
+        guider.set_cfg(cfg)
+        return io.NodeOutput(guider)
+
+
+class LinearAGModelPatch(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="GuidanceKitLinearAG",
+            display_name="LinearAG (Guidance Kit)",
+            category=CATEGORY,
+            description="MODEL patch for KSampler: CFG whose unconditional is predicted by a calibrated linear "
+                        "regression on most steps (LinearAG, arXiv 2312.12487).",
+            inputs=[
+                io.Model.Input("model", tooltip="The calibrated diffusion model (it is cloned, never modified)."),
+                LinearAGCalibration.Input("linear_ag", tooltip="From LinearAG Calibrate or LinearAG Load."),
+                *_pattern_inputs(),
+            ],
+            outputs=[io.Model.Output()],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, linear_ag, true_every, guided_until) -> io.NodeOutput:
+        return io.NodeOutput(patch_linear_ag(model, linear_ag, true_every, guided_until, node_id_of(cls)))
+
+
+NODES = [LinearAGCalibrate, LinearAGLoad, LinearAGGuider, LinearAGModelPatch]
