@@ -41,7 +41,7 @@ import runner  # noqa: E402
 CFG_SCALE = 4.0
 AND_WEIGHT = 1.0
 NOT_WEIGHT = 1.0
-AG_THRESHOLD = 0.999
+AG_THRESHOLD = 0.995
 STEPS = 20
 TIMING_REPEATS = 3
 
@@ -175,10 +175,9 @@ def main() -> None:
     parser.add_argument("--not-weight", type=float, default=NOT_WEIGHT)
     parser.add_argument("--threshold", type=float, default=AG_THRESHOLD)
     args = parser.parse_args()
-    from guidance_kit.toyworld import scenes
-
     seeds = 2 if args.quick else 4
     world = runner.load_world()
+    from guidance_kit.toyworld import scenes
     prompts = runner.prompt_set(args.split, args.quick)
     relations = [spec for _, spec in prompts if spec["kind"] == "relation"]
     singles = [spec for _, spec in prompts if spec["kind"] == "single"]

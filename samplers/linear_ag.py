@@ -6,19 +6,20 @@ squares on full-CFG trajectories; the reported schedule alternates true CFG and 
 the first half and uses AG (conditional only) in the second half (25 NFEs instead of 40 at 20
 steps).  The paper does not state the regression's terms; this module chooses:
 
-* Space: the denoised predictions D(x; σ) ComfyUI's models return, with latents as terms (so the
-  fit is equally expressive in ε-space: ε is affine in x and D).
+* Space: the denoised predictions D(x; σ) ComfyUI's models return (with a latent term the fit is
+  equally expressive in ε-space, ε being affine in x and D).
 * Terms, for a regressed evaluation j whose most recent true-CFG evaluation (the *anchor*) is a,
   chosen among ``KNOWN_TERMS``; the default ``TERMS`` is
 
-      û_j = w₁·D_c(j) + w₂·x_j + w₃·D_c(a) + w₄·D_u(a) + w₅·x_a
+      û_j = w₁·D_c(j) + w₂·D_c(a) + w₃·D_u(a)
 
-  i.e. the current conditional and latent, and the anchor's conditional, unconditional and
-  latent.  Every input is a true model prediction or latent: a regressed estimate never feeds
-  another regression.  (``previous_cond``/``previous_x``, evaluation j − 1, are available too;
-  ``previous_x`` with x_j gives away the previous step's guided prediction through the Euler
-  update, which is the true CFG in calibration but the regressed one at use: it looks far better
-  on calibration-style held-out trajectories and is not the default; see README.)
+  the current conditional and the anchor's conditional and unconditional (with the paper's
+  alternating pattern the anchor is the previous step).  Every input is a true model prediction:
+  a regressed estimate never feeds another regression.  Latent terms (``x``, ``anchor_x``,
+  ``previous_x``) fit held-out *full-CFG* trajectories far better, because the latent path
+  encodes the CFG updates taken so far, but at use those updates were regressed ones: measured
+  on the samples themselves they are no closer to CFG (bench/adaptive_guidance.py --terms), so
+  the default leaves them out.
 * Coefficients per (anchor a, target j) pair and per latent channel, fitted for every pair
   a < j, so the true/regressed pattern is chosen at apply time without recalibrating.  With a =
   j − 1 the regression contains "reuse the previous unconditional" and "reuse the previous
@@ -36,7 +37,7 @@ import math
 import torch
 
 KNOWN_TERMS = ("cond", "x", "anchor_cond", "anchor_uncond", "anchor_x", "previous_cond", "previous_x")
-TERMS = ("cond", "x", "anchor_cond", "anchor_uncond", "anchor_x")
+TERMS = ("cond", "anchor_cond", "anchor_uncond")
 TRUE, REGRESSED, CONDITIONAL = "true", "regressed", "conditional"
 
 
