@@ -37,7 +37,7 @@ import runner  # noqa: E402
 
 CFG_SCALE = 4.0
 STEPS = 20
-SEEDS = 8
+SEEDS = 4
 CALIBRATION_SEED = 10_000
 AG_THRESHOLDS = (0.95, 0.96, 0.97, 0.98, 0.99, 0.995)
 LINEAR_PATTERNS = ((2, 0.5), (3, 0.3), (4, 0.4), (5, 0.5), (10, 1.0))

@@ -1,7 +1,10 @@
 """Composable AND / NOT on the toy world: does composing concepts beat one prompt and Conditioning Combine?
 
 Two-object prompts: the objects of the validation set's relation prompts (the relation itself is
-not asked), each written as a concept "a red circle".  Configurations, all at cfg ``CFG_SCALE``:
+not asked), each written as a concept "a red circle" (the main model's "partial" captions: a
+two-object scene captioned with one of its objects, see ``toyworld/train.py``; so a concept means
+"the image contains a red circle", as in the paper's CLEVR labels).  Configurations, all at cfg
+``CFG_SCALE``:
 
 * (a) ``single``: one prompt naming both, "a red circle and a blue square" ("and" is not in the
   toy vocabulary: it encodes as the unknown token, as a word the model never learned would);

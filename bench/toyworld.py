@@ -4,6 +4,10 @@
 4 images per prompt (2 with --quick, which also takes every other prompt).  Reports, on the
 validation set (never tuned on): ``single_pass``, ``relation_pass``, ``implied_pass`` with CFG and
 ``uncond_single_pass`` with cfg 1, plus the dev-set figures and rows/blocks/time.
+
+"Chance" (``<kind>_chance``): the oracle's pass rate for images that ignore the prompt, i.e.
+generator scenes of random specs of the same kind judged against each validation prompt
+(``CHANCE_SCENES`` per prompt, no model involved).
 """
 import argparse
 import sys
@@ -14,6 +18,21 @@ sys.path.append(str(Path(__file__).resolve().parent))
 import runner  # noqa: E402
 
 CFG_SCALE = 4.0
+CHANCE_SCENES = 200
+
+
+def chance(prompts) -> dict:
+    """{kind: pass rate of random same-kind generator scenes judged against the prompts' specs}."""
+    import numpy as np
+
+    from guidance_kit.toyworld import oracle, scenes
+
+    rng, passed = np.random.default_rng(0), {}
+    for _, spec in prompts:
+        verdicts = [oracle.judge(scenes.sample_scene(rng, spec["kind"]).image, spec)["pass"]
+                    for _ in range(CHANCE_SCENES)]
+        passed.setdefault(spec["kind"], []).extend(verdicts)
+    return {kind: float(np.mean(verdicts)) for kind, verdicts in passed.items()}
 
 
 def main() -> None:
@@ -42,6 +61,9 @@ def main() -> None:
         })
         for fact in runner.FACTS:
             figures[f"{prefix}{fact}_correct"] = guided.pass_rate(fact=fact)
+    random_images = chance(runner.prompt_set("validation", args.quick))
+    figures.update({"single_chance": random_images["single"], "relation_chance": random_images["relation"],
+                    "implied_chance": random_images["mirror"]})
     runner.emit(figures)
 
 

@@ -1,5 +1,5 @@
-"""Reproducible training of the toy-world models (CPU, about an hour on 2 shared cores:
-roughly 1 s per main step, 0.3 s per weak step, 0.15 s per classifier step).
+"""Reproducible training of the toy-world models (CPU, about 1 h 55 min on 2 cores at high CPU
+priority: roughly 0.72 s per main step, 0.3 s per weak step, 0.16 s per classifier step).
 
 Command (from the repository root; resumable, checkpoints and ``train.log`` in ``--work``)::
 
@@ -7,7 +7,10 @@ Command (from the repository root; resumable, checkpoints and ``train.log`` in `
 
 Stages (``--stage main|weak|classifier|all``, run in that order for ``all``):
 
-* main: ToyDiT (width 128, depth 8) + ToyTextEncoder trained jointly, 2400 steps of batch 64.
+* main: ToyDiT (width 128, depth 8) + ToyTextEncoder trained jointly, 2400 + 4000 + 2000 steps of
+  batch 64 in three cosine cycles (``CYCLES``: warm restarts at peak lr x0.6 and x0.5; the v0
+  weights were the first cycle alone, and shapes were still unlearned there).  The third cycle
+  uses ``COMPOSITION_MIX``: more two-object scenes and "partial" captions (``scene_batch``).
 * weak: ToyDiT (width 96, depth 4), 500 steps of batch 64, conditioned by the *saved main text encoder*,
   frozen, so it takes the same conditioning (the Autoguidance guide model).
 * classifier: ToyClassifier on clean single-object scenes (light Gaussian pixel noise,
@@ -21,14 +24,16 @@ Design decisions:
   normal, as SD3): it concentrates training on mid noise levels, where the prompt decides the
   image (a run with uniform sigma learned colours slower within this step budget).
 * Prompt dropout 0.15: tokens replaced by the empty prompt (all PAD), the unconditional.
-* Data: fresh scenes every step, 50% single / 30% relation / 20% mirror; batch ``step`` of a
+* Data: fresh scenes every step, 50% single / 30% relation / 20% mirror (main's third cycle:
+  30 / 35 / 15 and 20% partial); batch ``step`` of a
   stage draws from ``np.random.default_rng([seed, stage_index, step])`` and its torch noise from a
   generator seeded the same way, so a resumed run sees exactly the data of an uninterrupted one.
-* AdamW (lr 5e-4 for DiTs, 1e-3 for the classifier, weight decay 0.01), linear warm-up over
-  the first 5% of steps, cosine decay to 10%; gradient clipping at 1.0; EMA of the weights
+* AdamW (lr 5e-4 for DiTs, 1e-3 for the classifier, weight decay 0.01); each cycle: linear
+  warm-up over its first 5% of steps, cosine decay to 10% of its peak; gradient clipping at 1.0; EMA of the weights
   (decay min(0.999, (1+step)/(10+step))); the EMA weights are what gets saved.
 * Checkpoints ``<work>/<stage>.ckpt.safetensors`` (model, EMA and AdamW state as tensors,
-  step and config as JSON metadata) every 250 steps; no pickle anywhere.
+  step, cycles and config as JSON metadata) every 250 steps; no pickle anywhere. A checkpoint
+  resumes under a schedule whose cycles extend its own (so a finished cycle can be continued).
 * ``--stop-at N`` stops a stage at step N of its schedule (``--stage main --stop-at 0`` writes
   interim weights from the latest checkpoint while another process keeps training).
 * Final weights (float16, see ``weights.py``) go to ``--out`` (default toyworld/weights/); the
@@ -42,6 +47,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -58,12 +64,17 @@ from . import scenes, weights
 from .model import ToyClassifier, ToyDiT, ToyTextEncoder
 
 KIND_MIX = {"single": 0.5, "relation": 0.3, "mirror": 0.2}
+# The main model's third cycle: more two-object scenes, and "partial" captions (see scene_batch).
+COMPOSITION_MIX = {"single": 0.3, "relation": 0.35, "mirror": 0.15, "partial": 0.2}
+MIXES = {"base": KIND_MIX, "composition": COMPOSITION_MIX}
 PROMPT_DROPOUT = 0.15
 CLASSIFIER_NOISE = 0.05
 EMA_DECAY = 0.999
 CHECKPOINT_EVERY = 250
 STAGES = ("main", "weak", "classifier")
-DEFAULT_STEPS = {"main": 2400, "weak": 500, "classifier": 800}
+CYCLES = {"main": ((2400, 1.0), (4000, 0.6), (2000, 0.5, "composition")), "weak": ((500, 1.0),),
+          "classifier": ((800, 1.0),)}
+"""Per stage: (steps, peak-lr factor[, data mix name; default "base"]) of each cosine cycle."""
 DEFAULT_BATCH = {"main": 64, "weak": 64, "classifier": 128}
 LEARNING_RATE = {"main": 5e-4, "weak": 5e-4, "classifier": 1e-3}
 MAIN_DIT = {"width": 128, "depth": 8, "heads": 4, "context_dim": 128}
@@ -77,8 +88,21 @@ def images_to_tensor(images):
 
 
 def scene_batch(rng, batch, kind_mix):
+    """Scenes of the mix's kinds.  Kind "partial" is a two-object relation scene captioned with one
+    of its objects only ("a red circle"): the grammar's single prompts always name size and
+    position, so this caption form never competes with them; it teaches "an image containing a
+    red circle", the per-object labels Composable Diffusion's CLEVR models were trained with
+    (arXiv 2206.01714, Sec. 5), which is what composing concepts with AND needs."""
     kinds = rng.choice(list(kind_mix), size=batch, p=list(kind_mix.values()))
-    return [scenes.sample_scene(rng, kind) for kind in kinds]
+    batch_scenes = []
+    for kind in kinds:
+        if kind != "partial":
+            batch_scenes.append(scenes.sample_scene(rng, kind))
+            continue
+        scene = scenes.sample_scene(rng, "relation")
+        named = scene.spec["objects"][rng.integers(2)]
+        batch_scenes.append(dataclasses.replace(scene, prompt=f"a {named['colour']} {named['shape']}"))
+    return batch_scenes
 
 
 def flow_matching_loss(dit, text_encoder, batch_scenes, generator):
@@ -113,8 +137,9 @@ def classifier_loss(classifier, batch_scenes, generator):
 class StageRun:
     """Optimiser, EMA, schedule, logging and safetensors checkpoints of one training stage."""
 
-    def __init__(self, name, modules, steps, lr, work_dir):
-        self.name, self.modules, self.steps, self.peak_lr = name, modules, steps, lr
+    def __init__(self, name, modules, cycles, lr, work_dir):
+        self.name, self.modules, self.cycles, self.peak_lr = name, modules, tuple(map(tuple, cycles)), lr
+        self.steps = sum(cycle[0] for cycle in self.cycles)
         self.ema = {prefix: _frozen_copy(module) for prefix, module in modules.items()}
         self.params = [p for module in modules.values() for p in module.parameters()]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.01)
@@ -124,12 +149,24 @@ class StageRun:
         if self.checkpoint.exists():
             self._load()
 
+    def _cycle_at(self, step):
+        """(cycle, step within it); steps past the schedule belong to the last cycle."""
+        for cycle in self.cycles:
+            if step < cycle[0] or cycle is self.cycles[-1]:
+                return cycle, step
+            step -= cycle[0]
+
+    def mix_at(self, step):
+        cycle, _ = self._cycle_at(step)
+        return MIXES[cycle[2] if len(cycle) > 2 else "base"]
+
     def lr(self, step):
-        warmup = max(1, self.steps // 20)
+        (length, factor, *_), step = self._cycle_at(step)
+        peak, warmup = self.peak_lr * factor, max(1, length // 20)
         if step < warmup:
-            return self.peak_lr * (step + 1) / warmup
-        progress = (step - warmup) / max(1, self.steps - warmup)
-        return self.peak_lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+            return peak * (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, length - warmup))
+        return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
     def update(self, loss):
         for group in self.optimizer.param_groups:
@@ -165,15 +202,18 @@ class StageRun:
         configs = {prefix: module.config for prefix, module in self.modules.items()}
         temporary = self.checkpoint.with_suffix(".tmp")
         save_file(self._tensors(), str(temporary),
-                  metadata={"step": str(self.step), "steps": str(self.steps), "config": json.dumps(configs)})
+                  metadata={"step": str(self.step), "cycles": json.dumps(self.cycles), "config": json.dumps(configs)})
         temporary.replace(self.checkpoint)
 
     def _load(self):
         with safe_open(str(self.checkpoint), framework="pt") as handle:
             metadata = handle.metadata()
             configs = {prefix: module.config for prefix, module in self.modules.items()}
-            if json.loads(metadata["config"]) != configs or int(metadata["steps"]) != self.steps:
-                raise ValueError(f"{self.checkpoint} belongs to a different configuration or step count")
+            # Checkpoints before cycles existed recorded one cycle of ``steps`` at full peak lr.
+            saved = [tuple(c) for c in json.loads(metadata.get("cycles", json.dumps([[int(metadata.get("steps", -1)), 1.0]])))]
+            if json.loads(metadata["config"]) != configs or list(self.cycles[:len(saved)]) != saved:
+                raise ValueError(f"{self.checkpoint} belongs to a different configuration or schedule "
+                                 f"(its cycles {saved}, this run's {list(self.cycles)})")
             tensors = {key: handle.get_tensor(key) for key in list(handle.keys())}
         for kind, modules in (("model", self.modules), ("ema", self.ema)):
             for prefix, module in modules.items():
@@ -194,7 +234,7 @@ def _frozen_copy(module):
     return copy.requires_grad_(False)
 
 
-def run_stage(run, loss_fn, seed, stage_index, batch, kind_mix, log_every, stop_at=None):
+def run_stage(run, loss_fn, seed, stage_index, batch, log_every, stop_at=None, kind_mix=None):
     """Train ``run`` to its step count (or to ``stop_at``); returns the mean loss of the last
     logging window, None if no step ran."""
     window, final_loss, started = [], None, time.time()
@@ -203,7 +243,7 @@ def run_stage(run, loss_fn, seed, stage_index, batch, kind_mix, log_every, stop_
     for step in progress:
         rng = np.random.default_rng([seed, stage_index, step])
         generator = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
-        loss = loss_fn(scene_batch(rng, batch, kind_mix), generator)
+        loss = loss_fn(scene_batch(rng, batch, kind_mix or run.mix_at(step)), generator)
         run.update(loss)
         window.append(loss.item())
         if run.step % log_every == 0 or run.step == end:
@@ -215,33 +255,34 @@ def run_stage(run, loss_fn, seed, stage_index, batch, kind_mix, log_every, stop_
     return final_loss
 
 
-def train_main(args, steps):
+def train_main(args, cycles):
     dit, text_encoder = ToyDiT(**MAIN_DIT), ToyTextEncoder(**TEXT_ENCODER)
-    run = StageRun("main", {"diffusion_model": dit, "text_encoder": text_encoder}, steps, LEARNING_RATE["main"], args.work)
+    run = StageRun("main", {"diffusion_model": dit, "text_encoder": text_encoder}, cycles, LEARNING_RATE["main"], args.work)
     loss = run_stage(run, lambda batch, g: flow_matching_loss(dit, text_encoder, batch, g),
-                     args.seed, 0, args.batch or DEFAULT_BATCH["main"], KIND_MIX, args.log_every, args.stop_at)
-    weights.save_modules(Path(args.out) / weights.MAIN_WEIGHTS.name, run.ema, {"steps": str(steps), "seed": str(args.seed)})
+                     args.seed, 0, args.batch or DEFAULT_BATCH["main"], args.log_every, args.stop_at)
+    weights.save_modules(Path(args.out) / weights.MAIN_WEIGHTS.name, run.ema, {"steps": str(run.steps), "seed": str(args.seed)})
     return loss
 
 
-def train_weak(args, steps):
+def train_weak(args, cycles):
     _, text_encoder = weights.load_main(Path(args.out) / weights.MAIN_WEIGHTS.name)
     text_encoder.requires_grad_(False)
     dit = ToyDiT(**WEAK_DIT)
-    run = StageRun("weak", {"diffusion_model": dit}, steps, LEARNING_RATE["weak"], args.work)
+    run = StageRun("weak", {"diffusion_model": dit}, cycles, LEARNING_RATE["weak"], args.work)
     loss = run_stage(run, lambda batch, g: flow_matching_loss(dit, text_encoder, batch, g),
-                     args.seed, 1, args.batch or DEFAULT_BATCH["weak"], KIND_MIX, args.log_every, args.stop_at)
-    weights.save_modules(Path(args.out) / weights.WEAK_WEIGHTS.name, run.ema, {"steps": str(steps), "seed": str(args.seed)})
+                     args.seed, 1, args.batch or DEFAULT_BATCH["weak"], args.log_every, args.stop_at)
+    weights.save_modules(Path(args.out) / weights.WEAK_WEIGHTS.name, run.ema, {"steps": str(run.steps), "seed": str(args.seed)})
     return loss
 
 
-def train_classifier(args, steps):
+def train_classifier(args, cycles):
     classifier = ToyClassifier(len(scenes.COLOURS), len(scenes.SHAPES), len(scenes.POSITIONS))
-    run = StageRun("classifier", {"classifier": classifier}, steps, LEARNING_RATE["classifier"], args.work)
+    run = StageRun("classifier", {"classifier": classifier}, cycles, LEARNING_RATE["classifier"], args.work)
     loss = run_stage(run, lambda batch, g: classifier_loss(classifier, batch, g),
-                     args.seed, 2, args.batch or DEFAULT_BATCH["classifier"], {"single": 1.0}, args.log_every, args.stop_at)
+                     args.seed, 2, args.batch or DEFAULT_BATCH["classifier"], args.log_every, args.stop_at,
+                     kind_mix={"single": 1.0})
     weights.save_modules(Path(args.out) / weights.CLASSIFIER_WEIGHTS.name, run.ema,
-                         {"steps": str(steps), "seed": str(args.seed), "labels": json.dumps(
+                         {"steps": str(run.steps), "seed": str(args.seed), "labels": json.dumps(
                              {"colour": scenes.COLOURS, "shape": scenes.SHAPES, "position": scenes.POSITIONS})})
     return loss
 
@@ -249,7 +290,8 @@ def train_classifier(args, steps):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stage", choices=(*STAGES, "all"), default="all")
-    parser.add_argument("--steps", type=int, help="steps for every selected stage (default: per stage)")
+    parser.add_argument("--steps", type=int, help="one cycle of this many steps for every selected stage "
+                        "(default: each stage's CYCLES)")
     parser.add_argument("--batch", type=int, help="batch size for every selected stage (default: per stage)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(weights.WEIGHTS_DIR), help="directory for the final weight files")
@@ -265,7 +307,7 @@ def main(argv=None):
     losses = {}
     for stage in stages:
         torch.manual_seed(args.seed * 1000 + STAGES.index(stage))
-        losses[stage] = trainers[stage](args, args.steps or DEFAULT_STEPS[stage])
+        losses[stage] = trainers[stage](args, ((args.steps, 1.0),) if args.steps else CYCLES[stage])
     print(json.dumps({"final_loss": losses, "out": args.out}))
 
 
