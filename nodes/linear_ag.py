@@ -33,12 +33,16 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..samplers import linear_ag as lag
+from ..toyworld.weights import CALIBRATIONS_DIR
 from .adaptive_guidance import CATEGORY, patch_uncond_skipping
 from .run_stats import node_id_of
 
 logger = logging.getLogger(__name__)
 FOLDER = "linear_ag"
 folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
+# Calibrations shipped with the pack (the toy model's); listed after models/linear_ag/, where
+# LinearAG Calibrate writes.
+folder_paths.add_model_folder_path(FOLDER, str(CALIBRATIONS_DIR))
 folder_paths.folder_names_and_paths[FOLDER][1].add(".safetensors")
 FORMAT = "guidance_kit.linear_ag/1"
 TENSOR_KEYS = ("coefficients", "evaluation_sigmas", "schedule", "negative_fingerprint")

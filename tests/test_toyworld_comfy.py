@@ -116,4 +116,16 @@ def test_guidance_matters_on_dev_single_prompts(toy):
 
     guided, unguided = pass_rate(4.0), pass_rate(1.0)
     assert guided > unguided, (guided, unguided)
-    assert guided >= 0.4  # floor of the committed v0 weights (README: Toy world quality); raise with training
+    assert guided >= 0.75  # the committed weights pass 0.95 of dev single prompts (README: Toy world quality)
+
+
+def test_shipped_linear_ag_calibration_belongs_to_the_committed_model(toy):
+    """The calibration in toyworld/calibrations/ is listed by LinearAG Load and was fitted on exactly the
+    committed weights (retraining them without recalibrating fails here, not in a user's workflow)."""
+    from guidance_kit.nodes.linear_ag import LinearAGLoad, calibration_files, model_identity
+
+    name = "toy_dit_euler_simple_20_cfg4.safetensors"
+    assert name in calibration_files()
+    calibration = LinearAGLoad.execute(name)[0]
+    assert calibration.info["model"] == model_identity(toy[0])
+    assert (calibration.info["sampler"], calibration.info["scheduler"], calibration.info["steps"]) == ("euler", "simple", 20)

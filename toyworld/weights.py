@@ -23,6 +23,8 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 MAIN_WEIGHTS = WEIGHTS_DIR / "toy_dit.safetensors"
 WEAK_WEIGHTS = WEIGHTS_DIR / "toy_dit_weak.safetensors"
 CLASSIFIER_WEIGHTS = WEIGHTS_DIR / "toy_classifier.safetensors"
+# LinearAG calibrations of the committed main model (scripts/calibrate_linear_ag.py --toyworld).
+CALIBRATIONS_DIR = Path(__file__).resolve().parent / "calibrations"
 STORAGE_DTYPE = torch.float16
 MAX_REPORTED = 12
 
