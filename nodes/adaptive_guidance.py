@@ -24,6 +24,7 @@ from comfy.patcher_extension import WrappersMP
 from comfy_api.latest import io
 
 from ..samplers import adaptive_guidance as ag
+from .guiders import cfg_guider, guider_inputs, model_input
 from .run_stats import attach_run_stats, current_run, node_id_of
 
 CATEGORY = "Guidance Kit/acceleration"
@@ -202,14 +203,8 @@ class AdaptiveGuidanceGuider(io.ComfyNode):
             category=CATEGORY,
             description="CFG that stops evaluating the unconditional, sample by sample, once it agrees with "
                         "the conditional (Adaptive Guidance, arXiv 2312.12487). For SamplerCustomAdvanced.",
-            inputs=[
-                io.Model.Input("model", tooltip="The diffusion model (it is cloned, never modified)."),
-                io.Conditioning.Input("positive", tooltip="Conditioning to steer towards."),
-                io.Conditioning.Input("negative", tooltip="Conditioning to steer away from (the unconditional)."),
-                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance scale while guidance is on."),
-                *_options_inputs(),
-            ],
+            inputs=[*guider_inputs(cfg_tooltip="Classifier-free guidance scale while guidance is on."),
+                    *_options_inputs()],
             outputs=[io.Guider.Output()],
             hidden=[io.Hidden.unique_id],
         )
@@ -217,10 +212,7 @@ class AdaptiveGuidanceGuider(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, cfg, threshold, measure, start_percent, end_percent) -> io.NodeOutput:
         patched = patch_adaptive_guidance(model, threshold, measure, start_percent, end_percent, node_id_of(cls))
-        guider = comfy.samplers.CFGGuider(patched)
-        guider.set_conds(positive, negative)
-        guider.set_cfg(cfg)
-        return io.NodeOutput(guider)
+        return io.NodeOutput(cfg_guider(patched, positive, negative, cfg))
 
 
 class AdaptiveGuidanceModelPatch(io.ComfyNode):
@@ -232,8 +224,7 @@ class AdaptiveGuidanceModelPatch(io.ComfyNode):
             category=CATEGORY,
             description="MODEL patch for KSampler and any CFG guider: stops evaluating the unconditional, sample "
                         "by sample, once it agrees with the conditional (Adaptive Guidance, arXiv 2312.12487).",
-            inputs=[io.Model.Input("model", tooltip="The diffusion model (it is cloned, never modified)."),
-                    *_options_inputs()],
+            inputs=[model_input(), *_options_inputs()],
             outputs=[io.Model.Output()],
             hidden=[io.Hidden.unique_id],
         )

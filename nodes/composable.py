@@ -49,6 +49,7 @@ from comfy_api.latest import io
 from ..samplers.composable import (ConvergenceTracker, check_weights, combine_step, concept_cosine, lead_concept,
                                    localise, plan_step)
 from ..samplers.prompt_syntax import PromptSyntaxError, parse_composable_prompt
+from .guiders import cfg_guider, model_input
 from .run_stats import attach_run_stats, current_run, node_id_of
 
 CATEGORY = "Guidance Kit/composable"
@@ -311,7 +312,7 @@ class ComposableGuider(io.ComfyNode):
             description="Composable Diffusion: uncond + cfg * sum of weight_i * (concept_i - uncond), all concept "
                         "rows and the unconditional in one batched model call. For SamplerCustomAdvanced.",
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model (it is cloned, never modified)."),
+                model_input(),
                 io.Conditioning.Input("composition", tooltip="Concepts from Composable Concept / Composable Prompt "
                                       "(plain conditioning is one concept of weight 1)."),
                 io.Conditioning.Input("negative", tooltip="The unconditional every concept is measured against "
@@ -337,10 +338,7 @@ class ComposableGuider(io.ComfyNode):
                              "prompt) as the unconditional")
         check_composition(comfy.sampler_helpers.convert_cond(composition),
                           comfy.sampler_helpers.convert_cond(negative), f"{where} 'composition'")
-        guider = comfy.samplers.CFGGuider(patch_model(model, threshold, node_id_of(cls)))
-        guider.set_conds(composition, negative)
-        guider.set_cfg(cfg)
-        return io.NodeOutput(guider)
+        return io.NodeOutput(cfg_guider(patch_model(model, threshold, node_id_of(cls)), composition, negative, cfg))
 
 
 class ComposableModelPatch(io.ComfyNode):
@@ -353,7 +351,7 @@ class ComposableModelPatch(io.ComfyNode):
             description="Lets a plain KSampler sample a composition wired as its positive: KSampler's cfg "
                         "multiplies every concept weight (the same result as the Composable Guider).",
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model (it is cloned, never modified)."),
+                model_input(),
                 _threshold_input(),
             ],
             outputs=[io.Model.Output()],

@@ -35,6 +35,7 @@ from comfy_api.latest import io
 from ..samplers import linear_ag as lag
 from ..toyworld.weights import CALIBRATIONS_DIR
 from .adaptive_guidance import CATEGORY, patch_uncond_skipping
+from .guiders import cfg_guider, guider_inputs, model_input
 from .run_stats import node_id_of
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ TENSOR_KEYS = ("coefficients", "evaluation_sigmas", "schedule", "negative_finger
 FINGERPRINT_SIZE = 4096
 SIGMA_RTOL = 1e-4
 LinearAGCalibration = io.Custom("GUIDANCE_KIT_LINEAR_AG")
+CALIBRATED_MODEL_TOOLTIP = "The calibrated diffusion model (it is cloned, never modified)."
 
 
 def model_identity(model) -> str:
@@ -149,9 +151,7 @@ def full_cfg_trajectories(model, positives: list, negative, latent: dict, *, see
             return out
 
         recorder.set_model_sampler_calc_cond_batch_function(calc_cond_batch)
-        guider = comfy.samplers.CFGGuider(recorder)
-        guider.set_conds(positive, negative)
-        guider.set_cfg(cfg)
+        guider = cfg_guider(recorder, positive, negative, cfg)
         noise = comfy.sample.prepare_noise(latent_image, seed + index)
         callback = (lambda step, denoised, x, total: on_step()) if on_step else None
         samples = guider.sample(noise, latent_image, comfy.samplers.sampler_object(sampler_name), sigmas,
@@ -294,7 +294,7 @@ class LinearAGCalibrate(io.ComfyNode):
                         "of the unconditional (saved to models/linear_ag/).",
             is_output_node=True,
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model to calibrate (it is not modified)."),
+                model_input("The diffusion model to calibrate (it is not modified)."),
                 io.Clip.Input("clip", tooltip="Text encoder for the prompts and the negative prompt."),
                 io.String.Input("prompts", multiline=True, default="",
                                 tooltip="Calibration prompts, one per line (a few dozen varied prompts is plenty)."),
@@ -370,11 +370,8 @@ class LinearAGGuider(io.ComfyNode):
             description="CFG whose unconditional is predicted by a calibrated linear regression on most steps "
                         "(LinearAG, arXiv 2312.12487). For SamplerCustomAdvanced.",
             inputs=[
-                io.Model.Input("model", tooltip="The calibrated diffusion model (it is cloned, never modified)."),
-                io.Conditioning.Input("positive", tooltip="Conditioning to steer towards."),
-                io.Conditioning.Input("negative", tooltip="The calibrated negative prompt's conditioning."),
-                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance scale."),
+                *guider_inputs(model_tooltip=CALIBRATED_MODEL_TOOLTIP, cfg_default=7.0,
+                               negative_tooltip="The calibrated negative prompt's conditioning."),
                 LinearAGCalibration.Input("linear_ag", tooltip="From LinearAG Calibrate or LinearAG Load."),
                 *_pattern_inputs(),
             ],
@@ -384,10 +381,8 @@ class LinearAGGuider(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, cfg, linear_ag, true_every, guided_until) -> io.NodeOutput:
-        guider = comfy.samplers.CFGGuider(patch_linear_ag(model, linear_ag, true_every, guided_until, node_id_of(cls)))
-        guider.set_conds(positive, negative)
-        guider.set_cfg(cfg)
-        return io.NodeOutput(guider)
+        patched = patch_linear_ag(model, linear_ag, true_every, guided_until, node_id_of(cls))
+        return io.NodeOutput(cfg_guider(patched, positive, negative, cfg))
 
 
 class LinearAGModelPatch(io.ComfyNode):
@@ -400,7 +395,7 @@ class LinearAGModelPatch(io.ComfyNode):
             description="MODEL patch for KSampler: CFG whose unconditional is predicted by a calibrated linear "
                         "regression on most steps (LinearAG, arXiv 2312.12487).",
             inputs=[
-                io.Model.Input("model", tooltip="The calibrated diffusion model (it is cloned, never modified)."),
+                model_input(CALIBRATED_MODEL_TOOLTIP),
                 LinearAGCalibration.Input("linear_ag", tooltip="From LinearAG Calibrate or LinearAG Load."),
                 *_pattern_inputs(),
             ],

@@ -3,9 +3,9 @@
 It is the baseline the techniques measure themselves against: identical output to the stock
 CFGGuider (it *is* one, over a cloned model), plus model rows counted per evaluation.
 """
-import comfy.samplers
 from comfy_api.latest import io
 
+from .guiders import cfg_guider, guider_inputs
 from .run_stats import attach_run_stats, node_id_of
 
 CATEGORY = "Guidance Kit"
@@ -20,13 +20,7 @@ class ReferenceCFGGuider(io.ComfyNode):
             category=CATEGORY,
             description="Plain classifier-free guidance, identical to CFGGuider, that records "
                         "model rows per step: the baseline for every Guidance Kit technique.",
-            inputs=[
-                io.Model.Input("model", tooltip="The diffusion model (it is cloned, never modified)."),
-                io.Conditioning.Input("positive", tooltip="Conditioning to steer towards."),
-                io.Conditioning.Input("negative", tooltip="Conditioning to steer away from (the unconditional)."),
-                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance scale."),
-            ],
+            inputs=guider_inputs(),
             outputs=[io.Guider.Output()],
             hidden=[io.Hidden.unique_id],
         )
@@ -35,9 +29,7 @@ class ReferenceCFGGuider(io.ComfyNode):
     def execute(cls, model, positive, negative, cfg) -> io.NodeOutput:
         patched = model.clone()
         attach_run_stats(patched, "CFG", node_id_of(cls))
-        guider = comfy.samplers.CFGGuider(patched)
-        guider.set_conds(positive, negative)
-        guider.set_cfg(cfg)
+        guider = cfg_guider(patched, positive, negative, cfg)
         return io.NodeOutput(guider)
 
 
