@@ -209,8 +209,7 @@ class StageRun:
         with safe_open(str(self.checkpoint), framework="pt") as handle:
             metadata = handle.metadata()
             configs = {prefix: module.config for prefix, module in self.modules.items()}
-            # Checkpoints before cycles existed recorded one cycle of ``steps`` at full peak lr.
-            saved = [tuple(c) for c in json.loads(metadata.get("cycles", json.dumps([[int(metadata.get("steps", -1)), 1.0]])))]
+            saved = [tuple(cycle) for cycle in json.loads(metadata["cycles"])]
             if json.loads(metadata["config"]) != configs or list(self.cycles[:len(saved)]) != saved:
                 raise ValueError(f"{self.checkpoint} belongs to a different configuration or schedule "
                                  f"(its cycles {saved}, this run's {list(self.cycles)})")
