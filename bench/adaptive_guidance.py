@@ -145,10 +145,10 @@ def calibrate(world, prompts, seeds, terms=None):
     return calibration, time.perf_counter() - start
 
 
-def regression_error(world, calibration, prompts, seeds, distances=(1, 5, 10)) -> dict:
+def regression_error(world, calibration, prompts, seeds, distances=(1, 2, 5, 10)) -> dict:
     """Held-out MSE of the unconditional estimate on ``prompts`` (validation prompts, other noise than
     the calibration), predicted from an anchor ``distance`` evaluations back, against reusing the
-    anchor's unconditional / guidance difference; per distance."""
+    anchor's unconditional / guidance difference and against no guidance (û = D_c); per distance."""
     from guidance_kit.nodes.linear_ag import full_cfg_trajectories
     from guidance_kit.nodes.toyworld import ToyWorldEmptyLatent
     from guidance_kit.samplers.linear_ag import heldout_errors
@@ -165,7 +165,8 @@ def regression_error(world, calibration, prompts, seeds, distances=(1, 5, 10)) -
     return {f"anchor_{distance}_back": {
         "mse": {k: float(f"{v:.4g}") for k, v in errors.items()},
         "ratio_vs_previous_uncond": round(errors["regression"] / errors["previous_uncond"], 4),
-        "ratio_vs_previous_difference": round(errors["regression"] / errors["previous_difference"], 4)}
+        "ratio_vs_previous_difference": round(errors["regression"] / errors["previous_difference"], 4),
+        "ratio_vs_conditional": round(errors["regression"] / errors["conditional"], 4)}
         for distance, errors in totals.items()}
 
 

@@ -133,9 +133,10 @@ def heldout_errors(coefficients: torch.Tensor, terms, xs: list, conds: list, unc
                    distance: int = 1) -> dict:
     """Mean squared error of the unconditional estimate on one held-out full-CFG trajectory, every
     evaluation j ≥ distance predicted from the anchor a = j − distance, for: the fitted regression,
-    reusing the anchor's unconditional ("previous_uncond"), and reusing the anchor's guidance
-    difference, D_c(j) − (D_c(a) − D_u(a)) ("previous_difference")."""
-    totals = {"regression": 0.0, "previous_uncond": 0.0, "previous_difference": 0.0}
+    reusing the anchor's unconditional ("previous_uncond"), reusing the anchor's guidance
+    difference, D_c(j) − (D_c(a) − D_u(a)) ("previous_difference"), and no guidance, û = D_c(j)
+    ("conditional": its error is the guidance difference itself, the scale the others compare to)."""
+    totals = {"regression": 0.0, "previous_uncond": 0.0, "previous_difference": 0.0, "conditional": 0.0}
     targets = range(distance, len(xs))
     for j in targets:
         a = j - distance
@@ -143,6 +144,7 @@ def heldout_errors(coefficients: torch.Tensor, terms, xs: list, conds: list, unc
             "regression": predict_uncond(coefficients[a, j], trajectory_terms(terms, xs, conds, unconds, a, j)),
             "previous_uncond": unconds[a],
             "previous_difference": conds[j] - conds[a] + unconds[a],
+            "conditional": conds[j],
         }
         for name, estimate in estimates.items():
             totals[name] += float((estimate - unconds[j]).double().pow(2).mean())
