@@ -30,7 +30,10 @@ steps).  The paper does not state the regression's terms; this module chooses:
 Pattern (``step_pattern``): the first ``guided_until`` fraction of the evaluations is guided,
 true CFG on every ``true_every``-th of them (starting with the first) and regressed CFG on the
 others; the rest are conditional only.  The paper's schedule is true_every = 2,
-guided_until = 0.5.
+guided_until = 0.5.  Measured on the toy model (bench/adaptive_guidance.py, held-out error
+relative to dropping guidance): the regression recovers most of the guidance difference one
+evaluation after a true one (error ratio 0.32), little five after (0.90), so patterns with
+sparse true evaluations are close to unguided between them.
 """
 import math
 
