@@ -12,8 +12,9 @@ image, so these runs contain every outcome such a rule can reach.  Per image:
 
 Rows saved by a choice = mean over images of (STEPS − k) / (2 · STEPS).  The stable choice keeps
 exactly CFG's pass rate; it is the saving a rule can reach at parity without relying on verdicts
-that flip back and forth with k.  Also reported: the fixed-k frontier (pass rate per k) and the
-mean stable step per prompt kind.
+that flip back and forth with k.  Also reported: the fixed-k frontier (pass rate per k), the mean
+stable step per prompt kind, and, for comparison, the mean number of CFG steps per image and kind
+that Adaptive Guidance gives at the thresholds ``AG_THRESHOLDS`` (rows per image − STEPS).
 
 Last line: JSON.
 """
@@ -24,7 +25,9 @@ from pathlib import Path
 sys.path.append(str(Path(__file__).resolve().parent))
 
 import runner  # noqa: E402
-from adaptive_guidance import CFG_SCALE, SEEDS, STEPS, window  # noqa: E402
+from adaptive_guidance import CFG_SCALE, DEFAULT_AG_THRESHOLD, SEEDS, STEPS, ag, window  # noqa: E402
+
+AG_THRESHOLDS = (DEFAULT_AG_THRESHOLD, 0.99)
 
 
 def stable_step(verdicts: list[bool]) -> int:
@@ -64,13 +67,19 @@ def main(argv=None):
     luckiest = [switch_steps[luckiest_step(v)] for v in verdicts]
     by_kind = {kind: round(sum(s for s, kk in zip(stable, kinds) if kk == kind) / kinds.count(kind), 2)
                for kind in sorted(set(kinds))}
+    ag_steps = {}
+    for threshold in AG_THRESHOLDS:
+        result = runner.run(world, f"ag_{threshold}", ag(threshold), prompts, seeds=SEEDS, steps=STEPS)
+        ag_steps[str(threshold)] = {"pass": round(result.pass_rate(), 4),
+                                    **{kind: round(result.rows_per_image(kind) - STEPS, 2) for kind in by_kind}}
     runner.emit({
         "quick": args.quick, "steps": STEPS, "seeds": SEEDS, "cfg_scale": CFG_SCALE, "images": len(kinds),
         "cfg_pass": round(runs[STEPS].pass_rate(), 4),
         "fixed_switch_pass": {k: round(runs[k].pass_rate(), 4) for k in switch_steps},
         "stable": choice_figures(stable, verdicts), "stable_mean_switch_step_by_kind": by_kind,
+        "ag_mean_cfg_steps_by_kind": ag_steps,
         "luckiest": choice_figures(luckiest, verdicts),
-        "mean_switch_step_for_35pct": STEPS * (1 - 2 * 0.35),
+        "mean_switch_step_for_35pct": round(STEPS * (1 - 2 * 0.35), 2),
     })
 
 

@@ -66,6 +66,7 @@ class Result:
     images: list = field(default_factory=list)      # per prompt: float tensor [seeds, 32, 32, 3] in [0, 1]
     verdicts: list = field(default_factory=list)    # per image: (kind, oracle dict)
     rows: int = 0
+    rows_by_kind: dict = field(default_factory=dict)  # prompt kind -> model rows of its images
     baseline_rows: int = 0
     blocks: int = 0
     seconds: float = 0.0
@@ -74,6 +75,10 @@ class Result:
     def pass_rate(self, kind: str | None = None, fact: str = "pass") -> float | None:
         values = [v[fact] for k, v in self.verdicts if (kind is None or k == kind) and fact in v]
         return sum(values) / len(values) if values else None
+
+    def rows_per_image(self, kind: str) -> float:
+        """Mean model rows per image of the prompts of ``kind``."""
+        return self.rows_by_kind[kind] / sum(k == kind for k, _ in self.verdicts)
 
     def distance_to(self, reference: "Result") -> float:
         """Mean absolute pixel difference (0..1 scale) to the same prompts and seeds of ``reference``."""
@@ -132,6 +137,7 @@ def run(world: ToyWorld, name: str, make_guider, prompts: list[tuple[str, dict]]
             result.seconds += time.perf_counter() - start
             run_stats = stats_sink(guider.model_patcher).last
             result.rows += run_stats.rows
+            result.rows_by_kind[spec["kind"]] = result.rows_by_kind.get(spec["kind"], 0) + run_stats.rows
             result.baseline_rows += run_stats.baseline_rows
             result.evaluations += len(run_stats.evaluations)
             images = world.vae.decode(samples).float().cpu()
