@@ -31,22 +31,25 @@ AG_THRESHOLDS = (DEFAULT_AG_THRESHOLD, 0.99)
 
 
 def stable_step(verdicts: list[bool]) -> int:
-    """Smallest k with verdicts[k'] == verdicts[-1] for every k' >= k (verdicts indexed by k)."""
-    k = len(verdicts) - 1
-    while k > 0 and verdicts[k - 1] == verdicts[-1]:
-        k -= 1
-    return k
+    """Smallest index i with verdicts[i'] == verdicts[-1] for every i' >= i."""
+    index = len(verdicts) - 1
+    while index > 0 and verdicts[index - 1] == verdicts[-1]:
+        index -= 1
+    return index
 
 
 def luckiest_step(verdicts: list[bool]) -> int:
-    return next((k for k, passed in enumerate(verdicts) if passed), 0)
+    """Smallest index whose verdict passes (0 if none does)."""
+    return next((index for index, passed in enumerate(verdicts) if passed), 0)
 
 
-def choice_figures(steps_chosen: list[int], verdicts: list[list[bool]]) -> dict:
-    passed = [per_k[k] for per_k, k in zip(verdicts, steps_chosen)]
-    return {"rows_saved": round(sum(STEPS - k for k in steps_chosen) / (2 * STEPS * len(steps_chosen)), 4),
+def choice_figures(chosen: list[int], verdicts: list[list[bool]], switch_steps: list[int]) -> dict:
+    """Rows saved, pass rate and mean switch step when image i switches at switch_steps[chosen[i]]."""
+    steps = [switch_steps[index] for index in chosen]
+    passed = [per_k[index] for per_k, index in zip(verdicts, chosen)]
+    return {"rows_saved": round(sum(STEPS - k for k in steps) / (2 * STEPS * len(steps)), 4),
             "pass": round(sum(passed) / len(passed), 4),
-            "mean_switch_step": round(sum(steps_chosen) / len(steps_chosen), 2)}
+            "mean_switch_step": round(sum(steps) / len(steps), 2)}
 
 
 def main(argv=None):
@@ -63,9 +66,9 @@ def main(argv=None):
     # verdicts[image][i]: the image's oracle verdict when CFG stops after switch_steps[i] steps
     verdicts = [[runs[k].verdicts[image][1]["pass"] for k in switch_steps] for image in range(len(kinds))]
 
-    stable = [switch_steps[stable_step(v)] for v in verdicts]
-    luckiest = [switch_steps[luckiest_step(v)] for v in verdicts]
-    by_kind = {kind: round(sum(s for s, kk in zip(stable, kinds) if kk == kind) / kinds.count(kind), 2)
+    stable = [stable_step(v) for v in verdicts]
+    luckiest = [luckiest_step(v) for v in verdicts]
+    by_kind = {kind: round(sum(switch_steps[i] for i, kk in zip(stable, kinds) if kk == kind) / kinds.count(kind), 2)
                for kind in sorted(set(kinds))}
     ag_steps = {}
     for threshold in AG_THRESHOLDS:
@@ -76,9 +79,9 @@ def main(argv=None):
         "quick": args.quick, "steps": STEPS, "seeds": SEEDS, "cfg_scale": CFG_SCALE, "images": len(kinds),
         "cfg_pass": round(runs[STEPS].pass_rate(), 4),
         "fixed_switch_pass": {k: round(runs[k].pass_rate(), 4) for k in switch_steps},
-        "stable": choice_figures(stable, verdicts), "stable_mean_switch_step_by_kind": by_kind,
+        "stable": choice_figures(stable, verdicts, switch_steps), "stable_mean_switch_step_by_kind": by_kind,
         "ag_mean_cfg_steps_by_kind": ag_steps,
-        "luckiest": choice_figures(luckiest, verdicts),
+        "luckiest": choice_figures(luckiest, verdicts, switch_steps),
         "mean_switch_step_for_35pct": round(STEPS * (1 - 2 * 0.35), 2),
     })
 
