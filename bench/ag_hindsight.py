@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.append(str(Path(__file__).resolve().parent))
 
 import runner  # noqa: E402
-from adaptive_guidance import CFG_SCALE, DEFAULT_AG_THRESHOLD, SEEDS, STEPS, ag, window  # noqa: E402
+from adaptive_guidance import AG_TARGET, CFG_SCALE, DEFAULT_AG_THRESHOLD, SEEDS, STEPS, ag, window  # noqa: E402
 
 AG_THRESHOLDS = (DEFAULT_AG_THRESHOLD, 0.99)
 
@@ -82,7 +82,7 @@ def main(argv=None):
         "stable": choice_figures(stable, verdicts, switch_steps), "stable_mean_switch_step_by_kind": by_kind,
         "ag_mean_cfg_steps_by_kind": ag_steps,
         "luckiest": choice_figures(luckiest, verdicts, switch_steps),
-        "mean_switch_step_for_35pct": round(STEPS * (1 - 2 * 0.35), 2),
+        "mean_switch_step_for_ag_target": round(STEPS * (1 - 2 * AG_TARGET["saving"]), 2),
     })
 
 
