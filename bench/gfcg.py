@@ -36,8 +36,9 @@ HIGH_SCALE = 4.0
 # Chosen on the dev set (README "GFCG"): plain CFG at 1.5 misses an attribute in about 1 of 9 images
 # there (mostly the shape), at 4 in about 1 of 30.
 LOW_SCALE = 1.5
-GFCG_SCALE = 4.0
+GFCG_SCALE = 2.0
 CONFIDENCE = 0.9
+START_PERCENT = 0.4
 ATTRIBUTES = ("colour", "shape", "position")
 
 
@@ -64,7 +65,8 @@ class Configurations:
             guider = GFCGGuider.execute(model=model, positive=positive, negative=negative, cfg=cfg,
                                         classifier=self.classifier, clip=self.world.clip,
                                         prompt=prompt_of(self.world, positive), targets="", scale=scale,
-                                        confidence=confidence, every=1, reference_row=reference_row, **options)[0]
+                                        confidence=confidence, start_percent=START_PERCENT, every=1,
+                                        reference_row=reference_row, **options)[0]
             return self._keep(name, guider)
         return make
 
@@ -182,6 +184,7 @@ def main() -> None:
     prompts = [(p, s) for p, s in runner.prompt_set(args.split, args.quick) if s["kind"] == "single"]
     figures = {"split": args.split, "seeds": seeds, "steps": STEPS, "prompts": len(prompts), "low_scale": LOW_SCALE,
                "high_scale": HIGH_SCALE, "gfcg_scale": GFCG_SCALE, "confidence": CONFIDENCE,
+               "start_percent": START_PERCENT,
                "weak_row_cost": round(weak_row_cost(world), 3)}
     figures.update(run_scale(world, configs, prompts, seeds, LOW_SCALE, args.quick))
     if not args.quick:

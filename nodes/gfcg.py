@@ -142,6 +142,7 @@ class GFCGOptions:
     prompts: ReferencePrompts
     max_scale: float
     confidence: float
+    start_percent: float
     every: int
     reference_row: str
 
@@ -154,7 +155,10 @@ class ReferenceRun:
         self.guider = guider
         self.scale = float(getattr(guider, "cfg", 1.0))
         self.key = key
-        self.schedule = gfcg.ReadingSchedule(technique.gfcg.every) if technique.gfcg else None
+        options = technique.gfcg
+        start_sigma = float(guider.model_patcher.get_model_object("model_sampling").percent_to_sigma(
+            options.start_percent)) if options else 0.0
+        self.schedule = gfcg.ReadingSchedule(options.every, start_sigma) if options else None
         self.read = pixel_reader(technique.gfcg.classifier, guider.model_patcher, technique.node) \
             if technique.gfcg else None
         self.previous_denoised = None
@@ -212,10 +216,13 @@ class ReferenceGuidance(Technique):
         return stack_per_sample([state.guider.conds[self.variant_key(heads[h], k)]
                                  for h, k in zip(reference.head.tolist(), reference.index.tolist())])
 
-    def _read(self, state: ReferenceRun) -> gfcg.Reference | None:
-        """The reference of this evaluation: a fresh classifier reading when due, else the last one."""
-        if state.previous_denoised is None or not state.schedule.due():
-            return state.schedule.last if state.schedule else None
+    def _read(self, state: ReferenceRun, sigma: float) -> gfcg.Reference | None:
+        """The reference of this evaluation: None outside GFCG's window, a fresh classifier reading
+        when due, else the last one."""
+        if state.previous_denoised is None or not state.schedule.acts(sigma):
+            return None
+        if not state.schedule.due():
+            return state.schedule.last
         start = time.perf_counter()
         with torch.no_grad():
             probabilities = self.gfcg.classifier.probabilities(state.read(state.previous_denoised))
@@ -225,7 +232,7 @@ class ReferenceGuidance(Technique):
         return state.schedule.last
 
     def evaluate(self, state: ReferenceRun, evaluator, run):
-        reference = self._read(state) if self.gfcg else None
+        reference = self._read(state, evaluator.sigma) if self.gfcg else None
         active = reference.active.to(evaluator.x.device) if reference is not None else None
         any_active = active is not None and bool(active.any())
         unguided = self.weak is None and evaluator.uncond is None  # cfg 1: ComfyUI evaluates no uncond
@@ -307,19 +314,21 @@ def patch_autoguidance(model, node_id, weak_model):
     return install(model, ReferenceGuidance("Autoguidance", weak=weak_model), node_id)
 
 
-def patch_gfcg(model, node_id, classifier, clip, prompt, targets, scale, confidence, every, reference_row,
-               weak_model=None):
+def patch_gfcg(model, node_id, classifier, clip, prompt, targets, scale, confidence, start_percent, every,
+               reference_row, weak_model=None):
     """A clone of ``model`` with GFCG (and Autoguidance when ``weak_model`` is given) installed."""
     where = "GFCG"
     check_number(where, "scale", scale, 0.0, 100.0)
     check_number(where, "confidence", confidence, 0.0, 1.0)
+    check_number(where, "start_percent", start_percent, 0.0, 1.0)
     if reference_row not in gfcg.REFERENCE_ROWS:
         raise ValueError(f"{where}: 'reference_row' must be one of {gfcg.REFERENCE_ROWS}, got {reference_row!r}")
     if weak_model is not None:
         check_weak(model, weak_model, where)
     prompts = reference_prompts(clip, classifier, prompt, targets, where)
     pixel_reader(classifier, model, where)
-    options = GFCGOptions(classifier, prompts, float(scale), float(confidence), int(every), reference_row)
+    options = GFCGOptions(classifier, prompts, float(scale), float(confidence), float(start_percent), int(every),
+                          reference_row)
     return install(model, ReferenceGuidance(where, weak=weak_model, options=options), node_id)
 
 
@@ -359,6 +368,9 @@ def gfcg_options() -> list:
         io.Float.Input("confidence", default=0.9, min=0.0, max=1.0, step=0.01,
                        tooltip="No extra guidance (and no reference row) for a sample whose target class "
                                "probability reaches this."),
+        io.Float.Input("start_percent", default=0.4, min=0.0, max=1.0, step=0.01,
+                       tooltip="GFCG acts from this point of the schedule on: earlier clean estimates are blurs "
+                               "the classifier misreads (0.4 = from sigma 0.6 on a flow model)."),
         io.Int.Input("every", default=1, min=1, max=100,
                      tooltip="Read the classifier every k evaluations (reusing its last reading in between)."),
         io.Combo.Input("reference_row", options=list(gfcg.REFERENCE_ROWS), default="extra",

@@ -45,14 +45,15 @@ def last_run(guider_or_model):
     return stats_sink(patcher).last
 
 
-def gfcg_guider(toy, cfg=1.5, *, targets="", scale=4.0, confidence=0.9, every=1, reference_row="extra", weak=None,
-                model=None, prompt=PROMPT):
+def gfcg_guider(toy, cfg=1.5, *, targets="", scale=4.0, confidence=0.9, start_percent=0.0, every=1,
+                reference_row="extra", weak=None, model=None, prompt=PROMPT):
     from guidance_kit.nodes.gfcg import GFCGGuider
 
     options = {"weak_model": weak} if weak is not None else {}
     return GFCGGuider.execute(model=model or toy["model"], positive=toy["encode"](prompt), negative=toy["negative"],
                               cfg=cfg, classifier=toy["classifier"], clip=toy["clip"], prompt=prompt,
-                              targets=targets, scale=scale, confidence=confidence, every=every,
+                              targets=targets, scale=scale, confidence=confidence, start_percent=start_percent,
+                              every=every,
                               reference_row=reference_row, **options)[0]
 
 
@@ -154,6 +155,14 @@ def test_guide_row_mode_costs_what_cfg_costs(toy):
     assert any(w > 0 for e in run.evaluations[1:] for w in e.signals["gfcg_scale"])
     assert run.rows == run.baseline_rows == 4 * 8
     assert run.events, "reference choices are marked"
+
+
+def test_no_gfcg_before_the_start_of_its_window(toy):
+    guider = gfcg_guider(toy, cfg=1.5, confidence=1.0, start_percent=0.5)
+    sample_guider(guider, toy_latent(2), steps=4, scheduler="simple", seed=2)
+    run = last_run(guider)  # sigmas 1, 0.75, 0.5, 0.25: GFCG from sigma 0.5 on
+    assert ["gfcg_scale" in e.signals for e in run.evaluations] == [False, False, True, True]
+    assert [e.rows for e in run.evaluations][:2] == [4, 4]
 
 
 def test_every_k_evaluations_reuses_the_reading(toy):
@@ -259,8 +268,8 @@ def test_gfcg_and_autoguidance_on_every_family(tiny, weak_tiny, toy, reference_r
     classifier = toy["classifier"].with_pixel_source("latent_rgb")
     for weak in (None, weak_tiny[tiny.family].patcher):
         options = {} if weak is None else {"weak_model": weak}
-        patched = GFCGModelPatch.execute(tiny.patcher, classifier, clip, PROMPT, "colour=red", 3.0, 1.0, 1,
-                                         reference_row, **options)[0]
+        patched = GFCGModelPatch.execute(tiny.patcher, classifier, clip, PROMPT, "colour=red", 3.0, 1.0, 0.0,
+                                         1, reference_row, **options)[0]
         out = ksample(patched, positive, tiny.negative, tiny.empty_latent(batch=2), cfg=2.0, steps=3, seed=2)
         assert torch.isfinite(out).all()
         run = last_run(patched)

@@ -36,8 +36,9 @@ def test_guide_moves_only_active_samples_along_the_contrast():
     assert torch.equal(out[0], base[0]) and torch.allclose(out[1], torch.full((3, 2, 2), 3.0))
 
 
-def test_reading_schedule_every_k_evaluations():
-    schedule = ReadingSchedule(every=3)
+def test_reading_schedule_every_k_evaluations_inside_the_window():
+    schedule = ReadingSchedule(every=3, start_sigma=0.6)
+    assert not schedule.acts(0.61) and schedule.acts(0.6)
     due = []
     for _ in range(7):
         due.append(schedule.due())
