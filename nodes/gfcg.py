@@ -216,23 +216,26 @@ class ReferenceGuidance(Technique):
         return stack_per_sample([state.guider.conds[self.variant_key(heads[h], k)]
                                  for h, k in zip(reference.head.tolist(), reference.index.tolist())])
 
-    def _read(self, state: ReferenceRun, sigma: float) -> gfcg.Reference | None:
-        """The reference of this evaluation: None outside GFCG's window, a fresh classifier reading
-        when due, else the last one."""
-        if state.previous_denoised is None or not state.schedule.acts(sigma):
+    def _read(self, state: ReferenceRun, evaluator) -> gfcg.Reference | None:
+        """The reference of this evaluation: None outside GFCG's window (or for a sub-batch a chained
+        caller asks for), a fresh classifier reading when due, else the last one."""
+        previous = state.previous_denoised
+        if previous is None or previous.shape[0] != evaluator.batch or not state.schedule.acts(evaluator.sigma):
             return None
         if not state.schedule.due():
             return state.schedule.last
         start = time.perf_counter()
         with torch.no_grad():
-            probabilities = self.gfcg.classifier.probabilities(state.read(state.previous_denoised))
+            probabilities = self.gfcg.classifier.probabilities(state.read(previous))
         state.schedule.last = gfcg.choose_reference(probabilities, self.gfcg.prompts.targets, self.gfcg.max_scale,
                                                     self.gfcg.confidence)
         state.classifier_seconds += time.perf_counter() - start
         return state.schedule.last
 
     def evaluate(self, state: ReferenceRun, evaluator, run):
-        reference = self._read(state, evaluator.sigma) if self.gfcg else None
+        if evaluator.cond is None:  # a chained caller asking for the unconditional alone: nothing to guide
+            return evaluator.passthrough()
+        reference = self._read(state, evaluator) if self.gfcg else None
         active = reference.active.to(evaluator.x.device) if reference is not None else None
         any_active = active is not None and bool(active.any())
         unguided = self.weak is None and evaluator.uncond is None  # cfg 1: ComfyUI evaluates no uncond
@@ -311,7 +314,7 @@ def check_weak(model, weak, where: str) -> None:
 def patch_autoguidance(model, node_id, weak_model):
     """A clone of ``model`` whose guide row is ``weak_model``'s conditional prediction (cfg = w)."""
     check_weak(model, weak_model, "Autoguidance")
-    return install(model, ReferenceGuidance("Autoguidance", weak=weak_model), node_id)
+    return install(model, ReferenceGuidance("Autoguidance", weak=weak_model.clone()), node_id)
 
 
 def patch_gfcg(model, node_id, classifier, clip, prompt, targets, scale, confidence, start_percent, every,
@@ -329,7 +332,8 @@ def patch_gfcg(model, node_id, classifier, clip, prompt, targets, scale, confide
     pixel_reader(classifier, model, where)
     options = GFCGOptions(classifier, prompts, float(scale), float(confidence), float(start_percent), int(every),
                           reference_row)
-    return install(model, ReferenceGuidance(where, weak=weak_model, options=options), node_id)
+    weak = weak_model.clone() if weak_model is not None else None
+    return install(model, ReferenceGuidance(where, weak=weak, options=options), node_id)
 
 
 def weak_model_input(optional: bool = False):

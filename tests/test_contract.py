@@ -33,6 +33,9 @@ class World:
     composition: list
     negative: list
     calibration: object
+    clip: object = None
+    weak: object = None
+    classifier: object = None
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +50,11 @@ def world():
     composition = ComposablePrompt.execute(clip, "a red circle AND a blue square", 1.0)[0]
     calibration = calibrate(model, [positive], negative, ToyWorldEmptyLatent.execute(1)[0], seed=0, steps=STEPS,
                             cfg=CFG, sampler_name="euler", scheduler="simple")
-    return World(model, positive, composition, negative, calibration)
+    from guidance_kit.nodes.classifier import TOY_CHOICE, LoadClassifier
+
+    weak = ToyWorldLoader.execute("toy_dit_weak.safetensors")[0]
+    return World(model, positive, composition, negative, calibration, clip, weak,
+                 LoadClassifier.execute(TOY_CHOICE, "auto")[0])
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,30 @@ def _nodes():
     from guidance_kit.nodes import adaptive_guidance as ag
     from guidance_kit.nodes import composable, linear_ag, reference_guider
     return ag, composable, linear_ag, reference_guider
+
+
+def _gfcg_options(world, weak: bool) -> dict:
+    return {"classifier": world.classifier, "clip": world.clip, "prompt": "a red circle on the left", "targets": "",
+            "scale": 2.0, "confidence": 1.0, "start_percent": 0.0, "every": 1, "reference_row": "extra",
+            **({"weak_model": world.weak, "reference_row": "guide"} if weak else {})}
+
+
+def _reference_guidance(name, guider):
+    """GFCG, GFCG + Autoguidance or Autoguidance (nodes/gfcg.py), as a GUIDER or a MODEL patch."""
+    def build(world, model):
+        from guidance_kit.nodes import gfcg
+
+        if name == "atg":
+            if guider:
+                return gfcg.AutoguidanceGuider.execute(model=model, positive=world.positive, negative=world.negative,
+                                                       cfg=CFG, weak_model=world.weak)[0]
+            return gfcg.AutoguidanceModelPatch.execute(model, weak_model=world.weak)[0]
+        options = _gfcg_options(world, weak=name == "gfcg_atg")
+        if guider:
+            return gfcg.GFCGGuider.execute(model=model, positive=world.positive, negative=world.negative, cfg=CFG,
+                                           **options)[0]
+        return gfcg.GFCGModelPatch.execute(model, **options)[0]
+    return build
 
 
 def _guider(name):
@@ -106,6 +137,11 @@ TABLE = [
     Row("LinearAG", _patch("linear_ag"), guider=False),
     Row("Composable Guider", _guider("composable"), guider=True, composes=True),
     Row("Composable", _patch("composable"), guider=False, composes=True),
+    Row("GFCG Guider", _reference_guidance("gfcg", True), guider=True),
+    Row("GFCG", _reference_guidance("gfcg", False), guider=False),
+    Row("GFCG Guider + weak model", _reference_guidance("gfcg_atg", True), guider=True),
+    Row("Autoguidance Guider", _reference_guidance("atg", True), guider=True),
+    Row("Autoguidance", _reference_guidance("atg", False), guider=False),
 ]
 PATCHES = [row for row in TABLE if not row.guider]
 ids = [row.node for row in TABLE]
