@@ -39,4 +39,5 @@ def ksample(patcher, positive, negative, latent: dict, *, cfg: float, steps: int
     boot()
     import nodes
 
-    return nodes.common_ksampler(patcher, seed, steps, cfg, sampler, scheduler, positive, negative, latent)[0]["samples"]
+    output = nodes.common_ksampler(patcher, seed, steps, cfg, sampler, scheduler, positive, negative, latent)
+    return output[0]["samples"]

@@ -248,7 +248,8 @@ def test_similarity_quantities():
     denoised = similarity("denoised", x, cond, uncond)
     torch.testing.assert_close(denoised, torch.nn.functional.cosine_similarity(flat(cond), flat(uncond)))
     noise = similarity("noise", x, cond, uncond, signal_scale=0.5)
-    torch.testing.assert_close(noise, torch.nn.functional.cosine_similarity(flat(x - 0.5 * cond), flat(x - 0.5 * uncond)))
+    expected = torch.nn.functional.cosine_similarity(flat(x - 0.5 * cond), flat(x - 0.5 * uncond))
+    torch.testing.assert_close(noise, expected)
     assert torch.allclose(similarity("guidance", x, cond, uncond, cfg_scale=1.0), torch.ones(3))
     with pytest.raises(ValueError, match="quantity"):
         similarity("velocity", x, cond, uncond)
