@@ -77,23 +77,12 @@ def linear(calibration, true_every: int, guided_until: float):
 
 def window(steps_guided: int):
     """The peer: CFG while sigma lies in the fixed window of the first ``steps_guided`` steps."""
-    import comfy.samplers
+    from harness.sampling import switched_cfg_guider
 
-    class SigmaWindowGuider(comfy.samplers.CFGGuider):
-        def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 (ComfyUI signature)
-            sigmas = model_options["transformer_options"]["sample_sigmas"]
-            low = float(sigmas[steps_guided - 1]) if steps_guided > 0 else float("inf")
-            scale = self.cfg if float(timestep.flatten()[0]) >= low else 1.0
-            return comfy.samplers.sampling_function(self.inner_model, x, timestep, self.conds.get("negative"),
-                                                    self.conds.get("positive"), scale, model_options=model_options,
-                                                    seed=seed)
+    def guided(sigma, sigmas):
+        return steps_guided > 0 and sigma >= float(sigmas[steps_guided - 1])
 
-    def make(model, positive, negative):
-        guider = SigmaWindowGuider(model)
-        guider.set_conds(positive, negative)
-        guider.set_cfg(CFG_SCALE)
-        return guider
-    return make
+    return lambda model, positive, negative: switched_cfg_guider(model, positive, negative, CFG_SCALE, guided)
 
 
 # ---------------------------------------------------------------- measuring
