@@ -25,9 +25,8 @@ WORLD_SIZE_TOLERANCE = 1e-5
 def run(trainables=None, model=None, settings=worker.SETTINGS, **options):
     trainables = worker.heads() if trainables is None else trainables
     model = worker.teacher() if model is None else model
-    crash_at = options.pop("crash_at", None)
-    result = training.train(trainables, worker.loss_fn(trainables, model, settings, crash_at), settings,
-                   identity=worker.identity(model), **options)
+    loss = worker.loss_fn(trainables, model, settings, options.pop("crash_at", None), options.pop("dropout", 0.0))
+    result = training.train(trainables, loss, settings, identity=worker.identity(model), **options)
     return trainables, result
 
 
@@ -84,18 +83,21 @@ def test_two_processes_under_torchrun_match_one_process(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("accelerate") is None, reason="accelerate is not installed")
 def test_two_processes_under_accelerate_launch_match_one_process(tmp_path):
+    """``--multi_gpu`` with no GPU visible: accelerate's ``--cpu --num_processes 2`` starts one process (mpirun)."""
     out = tmp_path / "two.safetensors"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-               "--cpu", "--main_process_port", str(free_port()), str(WORKER), str(out)]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(free_port()), str(WORKER), str(out)]
     assert max_difference(parameters(run()[0]), launch(command, out)) < WORLD_SIZE_TOLERANCE
 
 
 def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
+    """Crashed after the step-15 checkpoint, resumed into other initial heads; dropout uses torch's global RNG."""
     checkpoint = tmp_path / "checkpoint.safetensors"
-    uninterrupted, expected = run()
+    uninterrupted, expected = run(dropout=0.2)
     with pytest.raises(KeyboardInterrupt):
-        run(checkpoint=checkpoint, checkpoint_every=5, crash_at=17)
-    resumed, result = run(worker.heads(seed=3), checkpoint=checkpoint, checkpoint_every=5)
+        run(checkpoint=checkpoint, checkpoint_every=5, crash_at=17, dropout=0.2)
+    resumed, result = run(worker.heads(seed=3), checkpoint=checkpoint, checkpoint_every=5, dropout=0.2)
     assert result.completed and result.losses == expected.losses
     assert max_difference(parameters(uninterrupted), parameters(resumed)) == 0.0
 

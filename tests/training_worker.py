@@ -40,12 +40,15 @@ def heads(seed: int = 0) -> dict:
             "scale": torch.nn.Parameter(torch.full((HEADS,), 0.5))}
 
 
-def loss_fn(trainables: dict, model: torch.nn.Linear, settings: training.TrainSettings = SETTINGS, crash_at=None):
-    """Mean squared error of the heads over rows ``rows`` of step ``step``'s global batch."""
+def loss_fn(trainables: dict, model: torch.nn.Linear, settings: training.TrainSettings = SETTINGS, crash_at=None,
+            dropout: float = 0.0):
+    """Mean squared error of the heads over rows ``rows`` of step ``step``'s global batch (``dropout`` draws from
+    torch's global RNG)."""
     def loss(step: int, rows: slice) -> torch.Tensor:
         if step == crash_at:
             raise KeyboardInterrupt(f"interrupted at step {step}")
         inputs = torch.randn(settings.batch_size, WIDTH, generator=training.step_generator(settings.seed, step))[rows]
+        inputs = torch.nn.functional.dropout(inputs, dropout)
         targets = model(inputs).view(-1, HEADS, OUTPUTS)
         outputs = torch.stack([scale * head(inputs) for head, scale in zip(trainables["heads"], trainables["scale"])],
                               dim=1)
