@@ -248,11 +248,12 @@ def train(trainables: dict, loss_fn: Callable[[int, slice], torch.Tensor], setti
           should_stop: Callable[[int], bool] | None = None) -> TrainResult:
     """Run AdamW on ``trainables`` for ``settings.steps`` steps, resuming from ``checkpoint`` when it exists.
 
-    ``loss_fn(step, rows)``: the mean loss over rows ``rows`` of step ``step``'s global batch (see the module
-    docstring).  ``identity``: JSON facts of what is trained (architecture, base weights' ``fingerprint``, shapes,
-    any caller setting that changes the result); a checkpoint must match it and ``settings``.  ``on_step`` runs on
-    the main rank only; ``should_stop(step)`` is asked there after each step and, if true, the run checkpoints and
-    returns with ``completed`` false (e.g. on a ComfyUI interrupt)."""
+    ``trainables`` live on ``context.device`` (the caller moves them).  ``loss_fn(step, rows)``: the mean loss
+    over rows ``rows`` of step ``step``'s global batch (see the module docstring).  ``identity``: JSON facts of
+    what is trained (architecture, base weights' ``fingerprint``, shapes, any caller setting that changes the
+    result); a checkpoint must match it and ``settings``.  ``on_step`` runs on the main rank only;
+    ``should_stop(step)`` is asked there after each step and, if true, the run checkpoints and returns with
+    ``completed`` false (e.g. on a ComfyUI interrupt)."""
     context = context or DistributedContext()
     identity = identity or {}
     parameters = trainable_parameters(trainables)

@@ -19,7 +19,7 @@ except ImportError:  # run as a script by torchrun / accelerate launch
 
 FORMAT = "guidance_kit.test_heads/1"
 WIDTH, OUTPUTS, HEADS = 8, 4, 3
-SETTINGS = training.TrainSettings(steps=24, batch_size=16, lr=0.03, weight_decay=0.01, warmup_steps=2, seed=7)
+SETTINGS = training.TrainSettings(steps=24, batch_size=16, lr=0.1, weight_decay=0.01, warmup_steps=2, seed=7)
 
 
 def teacher(seed: int = 0) -> torch.nn.Linear:
@@ -67,10 +67,10 @@ def main(argv=None) -> None:
         def run(trainables, should_stop=None):
             return training.train(trainables, loss_fn(trainables, model), SETTINGS, context, identity=identity(model),
                                   checkpoint=args.checkpoint, should_stop=should_stop)
-        trainables = heads()
+        trainables = heads(seed=context.rank)  # unsynchronised on purpose: train() broadcasts rank 0's
         if args.stop_at is not None:
             assert not run(trainables, lambda step: step >= args.stop_at).completed
-            trainables = heads(seed=1)
+            trainables = heads(seed=10 + context.rank)
         result = run(trainables)
         if context.is_main:
             training.save_trained(args.out, trainables, FORMAT, identity(model) | {"world_size": context.world_size},
