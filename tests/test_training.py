@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 import training_worker as worker
 from guidance_kit.samplers import training
 from guidance_kit.samplers.bundles import BundleError
