@@ -259,7 +259,8 @@ def test_over_comfyui_patches(world, row, comfy_patch):
 def test_comfyui_patches_on_top(world, row):
     assert_image(sample(cfg_guider(_apg(row.build(world, world.model)), row.positive(world), world.negative, CFG)))
     slg_on_top = cfg_guider(_slg(row.build(world, world.model)), row.positive(world), world.negative, CFG)
-    with pytest.raises(RuntimeError, match=rf"{row.node}: 'SkipLayerGuidanceDiTSimple' replaced .* apply {row.node} last"):
+    message = rf"{row.node}: 'SkipLayerGuidanceDiTSimple' replaced .* apply {row.node} last"
+    with pytest.raises(RuntimeError, match=message):
         sample(slg_on_top)
 
 
