@@ -45,7 +45,7 @@ LOW_SCALE = 1.0
 ATG_WEIGHT = 2.0
 GFCG_SCALE = 2.0
 CONFIDENCE = 0.9
-START_PERCENT = 0.4
+START_PERCENT = 0.3
 ATTRIBUTES = ("colour", "shape", "position")
 
 

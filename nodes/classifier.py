@@ -15,8 +15,17 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..samplers.bundles import fingerprint
-from ..samplers.classifier import (CLIP_MEAN, CLIP_STD, PIXEL_SOURCES, Classifier, ZeroShotNetwork, latent_rgb_decoder,
-                                   load_classifier, parse_class_lines, toy_classifier)
+from ..samplers.classifier import (
+    CLIP_MEAN,
+    CLIP_STD,
+    PIXEL_SOURCES,
+    Classifier,
+    ZeroShotNetwork,
+    latent_rgb_decoder,
+    load_classifier,
+    parse_class_lines,
+    toy_classifier,
+)
 from ..toyworld import weights
 
 CATEGORY = "Guidance Kit/classifier"

@@ -372,9 +372,9 @@ def gfcg_options() -> list:
         io.Float.Input("confidence", default=0.9, min=0.0, max=1.0, step=0.01,
                        tooltip="No extra guidance (and no reference row) for a sample whose target class "
                                "probability reaches this."),
-        io.Float.Input("start_percent", default=0.4, min=0.0, max=1.0, step=0.01,
+        io.Float.Input("start_percent", default=0.3, min=0.0, max=1.0, step=0.01,
                        tooltip="GFCG acts from this point of the schedule on: earlier clean estimates are blurs "
-                               "the classifier misreads (0.4 = from sigma 0.6 on a flow model)."),
+                               "the classifier misreads (0.3 = from sigma 0.7 on a flow model)."),
         io.Int.Input("every", default=1, min=1, max=100,
                      tooltip="Read the classifier every k evaluations (reusing its last reading in between)."),
         io.Combo.Input("reference_row", options=list(gfcg.REFERENCE_ROWS), default="extra",

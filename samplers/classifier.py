@@ -100,7 +100,8 @@ class Classifier:
     def class_index(self, head: str, name: str, where: str) -> int:
         """Index of class ``name`` (or its phrase) in ``head``; ValueError naming ``where`` otherwise."""
         if head not in self.heads:
-            raise ValueError(f"{where}: classifier {self.label!r} has no head {head!r} (heads: {', '.join(self.heads)})")
+            raise ValueError(f"{where}: classifier {self.label!r} has no head {head!r} "
+                             f"(heads: {', '.join(self.heads)})")
         for names in (self.heads[head], self.phrases.get(head, ())):
             if name in names:
                 return names.index(name)

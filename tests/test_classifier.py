@@ -8,8 +8,15 @@ import torch
 import comfy.clip_vision
 
 from guidance_kit.samplers.bundles import BundleError, save_bundle
-from guidance_kit.samplers.classifier import (CLASSIFIER_FORMAT, Classifier, ZeroShotNetwork, load_classifier, parse_class_lines,
-                                              save_classifier, toy_classifier)
+from guidance_kit.samplers.classifier import (
+    CLASSIFIER_FORMAT,
+    Classifier,
+    ZeroShotNetwork,
+    load_classifier,
+    parse_class_lines,
+    save_classifier,
+    toy_classifier,
+)
 from guidance_kit.toyworld import scenes, weights
 from harness import tiny_models
 

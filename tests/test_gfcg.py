@@ -99,7 +99,8 @@ class ReplayGFCG(comfy.samplers.CFGGuider):
         super().__init__(patcher)
         self.set_conds(positive, negative)
         self.set_cfg(cfg)
-        self.original_conds.update({f"variant{k}": comfy.sampler_helpers.convert_cond(v) for k, v in enumerate(variants)})
+        self.original_conds.update({f"variant{k}": comfy.sampler_helpers.convert_cond(v)
+                                    for k, v in enumerate(variants)})
         self.recorded, self.count, self.variants = recorded, 0, len(variants)
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 (ComfyUI signature)
