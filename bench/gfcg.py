@@ -21,6 +21,9 @@ of the paired difference to ``cfg`` (per-prompt means, so seeds of one prompt ar
 independent).  Keys without a suffix are at ``LOW_SCALE`` (and Autoguidance), ``_s4`` ones at
 ``HIGH_SCALE``; ``gfcg_atg_vs_cfg_s4_acc_diff_se`` pairs GFCG + Autoguidance with CFG at 4.
 ``classifier_time_frac``: the classifier's share (pixels + network) of GFCG's sampling time.
+``cfg_misses`` / ``cfg_misses_seen_by_classifier``: CFG images (low scale) with an attribute wrong
+by the oracle, and how many of them the classifier also reads wrong on the final image (a ceiling
+for what a classifier-chosen reference can fix).
 Last line: JSON.
 """
 import argparse
@@ -113,6 +116,26 @@ def diversity(result) -> list[float]:
     return out
 
 
+def misses_seen(result, prompts, classifier) -> tuple[int, int]:
+    """(images the oracle finds an attribute wrong in, of those the ones the classifier also reads
+    wrong on the final image): the most a reference chosen by this classifier can find."""
+    import torch
+
+    missed = seen = 0
+    verdicts = iter(result.verdicts)
+    for images, (_, spec) in zip(result.images, prompts):
+        with torch.no_grad():
+            probabilities = classifier.probabilities(images.movedim(-1, 1) * 2 - 1)
+        obj = spec["objects"][0]
+        for index in range(images.shape[0]):
+            _, verdict = next(verdicts)
+            if accurate(verdict):
+                continue
+            missed += 1
+            seen += any(classifier.heads[a][int(probabilities[a][index].argmax())] != obj[a] for a in ATTRIBUTES)
+    return missed, seen
+
+
 def paired_se(a: list[float], b: list[float]) -> float:
     differences = [x - y for x, y in zip(a, b)]
     return statistics.stdev(differences) / math.sqrt(len(differences)) if len(differences) > 1 else float("nan")
@@ -196,6 +219,7 @@ def main() -> None:
     low["gfcg_atg"] = runner.run(world, "gfcg_atg", configs.gfcg("gfcg_atg", ATG_WEIGHT, reference_row="guide",
                                                                  weak=True), prompts, seeds=seeds, steps=STEPS)
     figures.update(figures_of(low, seeds))
+    figures["cfg_misses"], figures["cfg_misses_seen_by_classifier"] = misses_seen(low["cfg"], prompts, classifier)
     figures["rows_ratio"] = round(low["gfcg"].rows / low["cfg"].rows, 3)
     figures["gfcg_atg_rows_ratio_vs_atg"] = round(low["gfcg_atg"].rows / low["atg"].rows, 3)
     figures["classifier_time_frac"] = round(configs.classifier_seconds(f"gfcg@{LOW_SCALE:g}") / low["gfcg"].seconds, 4)

@@ -156,6 +156,12 @@ def test_guide_row_mode_costs_what_cfg_costs(toy):
     assert any(w > 0 for e in run.evaluations[1:] for w in e.signals["gfcg_scale"])
     assert run.rows == run.baseline_rows == 4 * 8
     assert run.events, "reference choices are marked"
+    from guidance_kit.samplers.stats_plot import MAX_SIGNAL_PANELS, signal_curves
+
+    curves = signal_curves(run)
+    plotted = list(curves)[:MAX_SIGNAL_PANELS]
+    assert plotted == ["reference_class", "gfcg_scale", "target_probability"]
+    assert all(len(curves[name]) == 4 for name in plotted)  # one curve per sample
 
 
 def test_no_gfcg_before_the_start_of_its_window(toy):
