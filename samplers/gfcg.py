@@ -13,10 +13,8 @@ p_h = softmax(f_h(x̂_0)):
   does not dilute it;
 * scale            w_h = w_max · ρ_h, and w_h = 0 once p_{h,t_h} ≥ ``confidence`` (a confident sample
   gets no extra guidance and, for per-sample rows, costs no reference row);
-* window           only at σ ≤ σ_start (``ReadingSchedule``): early clean estimates are blurs the
-  classifier (trained on clean images) reads with confident nonsense, and pushing then moved
-  objects (on the toy world's dev set: position accuracy fell from 0.98 to 0.87 with GFCG from the
-  first step, and stayed at 0.99 from σ = 0.6 on).
+* window           only at σ ≤ σ_start (``ReadingSchedule``): early clean estimates are blurs that
+  a classifier trained on clean images misreads (measured in the README).
 
 One reference row per sample: the head with the largest w (the most confused attribute); its
 reference conditioning is the prompt with that head's target phrase replaced by the reference
@@ -26,9 +24,9 @@ class phrase.  The guided prediction is
 
 where D_base is what the guider would output without GFCG (CFG: D(∅) + s·(D(c) − D(∅));
 Autoguidance: D_weak(c) + w_ag·(D(c) − D_weak(c))).  With ``reference_row="guide"`` the reference
-row takes the place of the guide row instead (no extra row): D = D_g' + s·(D(c) − D_g') with D_g'
-the unconditional (CFG) or weak-model (Autoguidance) prediction under c_ref for a sample with
-w > 0, its usual guide row otherwise.
+row takes the place of the guide row instead (no extra row): D = G' + (s + w)·(D(c) − G') with G'
+the main (CFG) or weak (Autoguidance) prediction under c_ref for a sample with w > 0, its usual
+guide row (and w = 0) otherwise; s is the CFG scale or w_ag.
 """
 from dataclasses import dataclass
 
