@@ -221,6 +221,9 @@ def install(model, technique: Technique, node_id: str | None = None):
         guider = executor.class_obj
         sampler = args[2] if len(args) > 2 else kwargs["sampler"]
         sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
+        latent_image = args[1] if len(args) > 1 else kwargs["latent_image"]
+        if not bool(torch.isfinite(latent_image).all()):
+            raise ValueError(f"{technique.node}: the sampler's 'latent_image' holds NaN or inf values")
         slot = _RunSlot(technique.start_run(guider, sigmas, sampler))
         guider.model_options.setdefault("transformer_options", {})[key] = slot
         return executor(*args, **kwargs)
