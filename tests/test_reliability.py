@@ -5,6 +5,7 @@ input (property-based, hypothesis profiles in conftest.py).
 Technique nodes come from the contract table (``test_contract.TABLE``: a new row is covered here
 too); the other nodes from every module's ``NODES`` (``pack_nodes``).
 """
+import dataclasses
 import json
 import logging
 import math
@@ -24,7 +25,7 @@ import folder_paths
 import nodes
 from comfy.patcher_extension import WrappersMP
 
-from harness.sampling import sample_guider
+from harness.sampling import cfg_guider, sample_guider
 
 FIGURES = {"inputs tried": 0}
 world = test_contract.world  # the contract suite's toy world (model, prompts, a calibration)
@@ -508,3 +509,46 @@ def test_composable_prompt_text_gives_a_bounded_composition_or_an_error_naming_i
     groups = concept_groups([options for _, options in composition])
     assert 1 <= len(groups) <= MAX_CONCEPTS
     assert all(math.isfinite(w) and abs(w) <= MAX_WEIGHT for w, _ in groups)
+
+
+@pytest.mark.parametrize("row", TABLE, ids=ids)
+def test_empty_conditioning_is_an_error_not_a_wrong_image(world, row):
+    """Empty positive or negative lists (no entries) gave out-of-range images on every node."""
+    for positive, negative, name in (([], world.negative, "positive|composition"), (world.positive, [], "negative")):
+        emptied = dataclasses.replace(world, positive=positive, composition=positive if not positive else
+                                      world.composition, negative=negative)
+        with pytest.raises(ValueError, match=named(row.node) + rf".*'({name})'.* (empty|no concepts)"):
+            run_settings(guider_of(row, emptied, world.model), (2, "euler", "simple", 1))
+
+
+@pytest.mark.parametrize("row", TABLE, ids=ids)
+def test_conditioning_batch_other_than_the_latent_batch_samples_like_comfyui(world, row):
+    """A batch-2 conditioning with a batch-3 latent: ComfyUI repeats conds to the latent's batch; every
+    node gives a finite image of the latent's batch, and the reference equals stock CFG."""
+    def doubled(conditioning):
+        return [[torch.cat([tensor, 0.5 * tensor]), options] for tensor, options in conditioning]
+
+    mismatched = dataclasses.replace(world, positive=doubled(world.positive), composition=doubled(world.composition),
+                                     negative=doubled(world.negative))
+    got = run_settings(guider_of(row, mismatched, world.model), (3, "euler", "simple", 3))
+    assert got.shape[0] == 3 and torch.isfinite(got).all() and float(got.abs().max()) < 10
+    if not row.uses_slot:
+        stock = cfg_guider(world.model, mismatched.positive, mismatched.negative, CFG)
+        assert torch.equal(got, run_settings(stock, (3, "euler", "simple", 3)))
+
+
+@pytest.mark.parametrize("row", TABLE, ids=ids)
+def test_every_model_family_samples_or_is_refused_naming_the_node(world, tiny, row):
+    """eps, SDXL (adm), v-prediction and flow MMDiT models: a finite image, or (a calibration of the toy
+    model on another family) an error naming the node and the calibration, before sampling."""
+    from guidance_kit.nodes.composable import mark_concept
+
+    composition = mark_concept(tiny.positive, 1.0) + mark_concept(tiny.negative, -0.5)
+    other = dataclasses.replace(world, model=tiny.patcher, positive=tiny.positive, composition=composition,
+                                negative=tiny.negative)
+    if "LinearAG" in row.node:
+        with pytest.raises(ValueError, match=named(row.node) + ": the calibration was fitted on model ToyWorldModel"):
+            guider_of(row, other, tiny.patcher)
+        return
+    got = sample_guider(guider_of(row, other, tiny.patcher), tiny.empty_latent(batch=2), steps=3)
+    assert got.shape == (2, tiny.latent_channels, tiny.latent_size, tiny.latent_size) and torch.isfinite(got).all()
