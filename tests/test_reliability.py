@@ -27,16 +27,25 @@ from comfy.patcher_extension import WrappersMP
 
 from harness.sampling import cfg_guider, sample_guider
 
-FIGURES = {"inputs tried": 0}
+FIGURES = {"sampling runs": 0, "inputs tried": 0}
 world = test_contract.world  # the contract suite's toy world (model, prompts, a calibration)
+
+
+def counted_sample(guider, latent_dict, **settings):
+    """``harness.sampling.sample_guider``, counted in the figures."""
+    FIGURES["sampling runs"] += 1
+    return sample_guider(guider, latent_dict, **settings)
+
+
+def named_set(display: str) -> set[str]:
+    stem = display.removesuffix(" (Guidance Kit)")
+    return {stem, stem.removesuffix(" Guider"), stem.removesuffix(" KSampler Patch")}
 
 
 def named(node: str) -> str:
     """A regex matching an error that starts with ``node``'s name (or its technique's: the MODEL-patch
     and GUIDER twins of a technique share its checks)."""
-    stem = node.removesuffix(" (Guidance Kit)")
-    names = {stem, stem.removesuffix(" Guider"), stem.removesuffix(" KSampler Patch")}
-    return "^(" + "|".join(sorted(map(re.escape, names), key=len, reverse=True)) + ")"
+    return "^(" + "|".join(sorted(map(re.escape, named_set(node)), key=len, reverse=True)) + ")"
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +257,7 @@ def test_calibration_used_at_another_cfg_warns(world, caplog):
                                         true_every=2, guided_until=0.7)[0]
         caplog.clear()
         with caplog.at_level(logging.WARNING):
-            sample_guider(guider, latent(1), steps=3, scheduler="simple")
+            counted_sample(guider, latent(1), steps=3, scheduler="simple")
         return [r.message for r in caplog.records], stats_sink(guider.model_patcher).last
 
     messages, _ = run(CFG)
@@ -263,18 +272,18 @@ def test_nan_latent_is_an_error_naming_the_node_not_a_black_image(world):
         nan = latent(2)
         nan["samples"][0, 0, 0, 0] = math.nan
         with pytest.raises(ValueError, match=named(row.node) + ": the sampler's 'latent_image' holds NaN"):
-            sample_guider(guider_of(row, world, world.model), nan, steps=2, scheduler="simple")
+            counted_sample(guider_of(row, world, world.model), nan, steps=2, scheduler="simple")
 
 
 # ---------------------------------------------------------------- determinism, no leaked state, low memory
 
 SETTINGS = [(3, "euler", "simple", 2), (4, "heun", "normal", 1), (3, "dpmpp_2s_ancestral", "karras", 3),
-            (5, "euler", "simple", 2), (3, "euler", "simple", 2)]
+            (10, "euler", "simple", 1), (20, "euler", "simple", 1), (3, "euler", "simple", 2)]
 
 
 def run_settings(guider, setting, seed=0):
     steps, sampler, scheduler, batch = setting
-    return sample_guider(guider, latent(batch), steps=steps, sampler=sampler, scheduler=scheduler, seed=seed)
+    return counted_sample(guider, latent(batch), steps=steps, sampler=sampler, scheduler=scheduler, seed=seed)
 
 
 @pytest.mark.parametrize("row", TABLE, ids=ids)
@@ -550,5 +559,41 @@ def test_every_model_family_samples_or_is_refused_naming_the_node(world, tiny, r
         with pytest.raises(ValueError, match=named(row.node) + ": the calibration was fitted on model ToyWorldModel"):
             guider_of(row, other, tiny.patcher)
         return
-    got = sample_guider(guider_of(row, other, tiny.patcher), tiny.empty_latent(batch=2), steps=3)
+    got = counted_sample(guider_of(row, other, tiny.patcher), tiny.empty_latent(batch=2), steps=3)
     assert got.shape == (2, tiny.latent_channels, tiny.latent_size, tiny.latent_size) and torch.isfinite(got).all()
+
+
+# Nodes that are not technique rows of the contract table, and the tests here that cover them.
+NON_TECHNIQUE_NODES = {
+    "GuidanceKitToyWorldLoader": "test_odd_names_for_the_loaders_are_errors_naming_the_input",
+    "GuidanceKitToyWorldEmptyLatent": "test_every_numeric_input_rejects_bad_numbers_naming_node_and_input",
+    "GuidanceKitComposableConcept": "test_composable_concept_count_is_bounded_before_encoding",
+    "GuidanceKitComposablePrompt": "test_composable_prompt_text_gives_a_bounded_composition_or_an_error_naming_it",
+    "GuidanceKitLinearAGCalibrate": "test_odd_calibration_filenames_are_rejected_before_compute",
+    "GuidanceKitLinearAGLoad": "test_damaged_calibration_files_load_or_fail_naming_node_input_and_file",
+    "GuidanceKitRunStats": "test_run_stats_without_a_technique_source_names_the_input",
+}
+
+
+def test_every_pack_node_is_covered():
+    """A node is a row of test_contract.TABLE (every table-driven test here runs on it) or is listed in
+    NON_TECHNIQUE_NODES with its tests; a new node that is neither fails here."""
+    table = {row.node for row in TABLE}
+    uncovered = []
+    for cls in pack_node_classes():
+        schema = cls.define_schema()
+        if schema.node_id in NON_TECHNIQUE_NODES:
+            assert NON_TECHNIQUE_NODES[schema.node_id] in globals(), schema.node_id
+        elif not named_set(schema.display_name) & table:
+            uncovered.append(schema.display_name)
+    assert not uncovered, f"add a row to test_contract.TABLE (or NON_TECHNIQUE_NODES) for {uncovered}"
+    FIGURES["nodes covered"] = len(pack_node_classes())
+    FIGURES["table rows"] = len(TABLE)
+
+
+def test_run_stats_without_a_technique_source_names_the_input(world):
+    from guidance_kit.nodes.run_stats_node import RunStatsNode
+
+    for source in (world.model, cfg_guider(world.model, world.positive, world.negative, CFG)):
+        with pytest.raises(ValueError, match=r"^Run Stats: 'source' carries no Guidance Kit stats"):
+            RunStatsNode.execute(source, latent(1))
