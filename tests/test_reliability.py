@@ -597,3 +597,29 @@ def test_run_stats_without_a_technique_source_names_the_input(world):
     for source in (world.model, cfg_guider(world.model, world.positive, world.negative, CFG)):
         with pytest.raises(ValueError, match=r"^Run Stats: 'source' carries no Guidance Kit stats"):
             RunStatsNode.execute(source, latent(1))
+
+
+def test_damaged_toy_world_weight_files_are_errors_naming_the_input(tmp_path, monkeypatch):
+    """Found: a truncated, random or non-finite weight file in models/toyworld/ gave raw safetensors
+    errors (or NaN images)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from guidance_kit.nodes.toyworld import ToyWorldLoader
+    from guidance_kit.toyworld.weights import CALIBRATIONS_DIR, MAIN_WEIGHTS
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "toyworld", ([str(tmp_path)], {".safetensors"}))
+    valid = MAIN_WEIGHTS.read_bytes()
+    tensors = load_file(str(MAIN_WEIGHTS))
+    first = sorted(key for key in tensors if key.startswith("diffusion_model."))[0]
+    tensors[first] = torch.full_like(tensors[first], math.nan)
+    with safe_open(str(MAIN_WEIGHTS), framework="pt") as handle:
+        metadata = handle.metadata()
+    save_file(tensors, str(tmp_path / "nan.safetensors"), metadata=metadata)
+    (tmp_path / "truncated.safetensors").write_bytes(valid[: len(valid) // 3])
+    (tmp_path / "random.safetensors").write_bytes(bytes(range(256)) * 16)
+    shipped = next(CALIBRATIONS_DIR.glob("*.safetensors"))
+    (tmp_path / "calibration.safetensors").write_bytes(shipped.read_bytes())  # a foreign safetensors file
+    for name in ("nan.safetensors", "truncated.safetensors", "random.safetensors", "calibration.safetensors"):
+        with pytest.raises(ValueError, match=r"^Load Toy World Model: 'diffusion_model': .*" + re.escape(name)):
+            ToyWorldLoader.execute(name)
