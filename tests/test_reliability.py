@@ -623,3 +623,25 @@ def test_damaged_toy_world_weight_files_are_errors_naming_the_input(tmp_path, mo
     for name in ("nan.safetensors", "truncated.safetensors", "random.safetensors", "calibration.safetensors"):
         with pytest.raises(ValueError, match=r"^Load Toy World Model: 'diffusion_model': .*" + re.escape(name)):
             ToyWorldLoader.execute(name)
+
+
+@pytest.mark.parametrize("stage", ["write", "fsync", "replace"])
+def test_a_save_interrupted_mid_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch, stage):
+    """Every file the pack saves (calibrations, training checkpoints, trained heads) goes through
+    save_bundle: an interrupt (KeyboardInterrupt, ComfyUI's interrupt exception) at any point of
+    the write leaves the previous file as it was and no temporary file."""
+    from guidance_kit.samplers import bundles
+
+    path = tmp_path / "bundle.safetensors"
+    bundles.save_bundle(path, {"a": torch.ones(4)}, {"step": 1}, "test/1")
+    before = path.read_bytes()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    target = {"write": (bundles.os, "fdopen"), "fsync": (bundles.os, "fsync"), "replace": (bundles.os, "replace")}
+    monkeypatch.setattr(*target[stage], interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bundles.save_bundle(path, {"a": torch.zeros(4)}, {"step": 2}, "test/1")
+    monkeypatch.undo()
+    assert path.read_bytes() == before and files_under(tmp_path) == ["bundle.safetensors"]
