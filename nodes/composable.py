@@ -25,6 +25,8 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ..samplers.composable import (
+    MAX_CONCEPTS,
+    MAX_WEIGHT,
     ConvergenceTracker,
     check_weights,
     combine_step,
@@ -220,8 +222,10 @@ class ComposableConcept(io.ComfyNode):
         if any(CONCEPT_KEY in options for _, options in conditioning):
             raise ValueError(f"{where}: 'conditioning' is already a composition; wire it into 'composition' "
                              "and add single concepts to it")
-        if not math.isfinite(weight):
-            raise ValueError(f"{where}: 'weight' must be a finite number, got {weight}")
+        check_number(where, "weight", weight, -MAX_WEIGHT, MAX_WEIGHT)
+        earlier = len(concept_groups([options for _, options in composition])) if composition else 0
+        if earlier >= MAX_CONCEPTS:
+            raise ValueError(f"{where}: 'composition' already holds {earlier} concepts, at most {MAX_CONCEPTS}")
         return io.NodeOutput(list(composition or []) + mark_concept(conditioning, weight))
 
 
@@ -253,6 +257,7 @@ class ComposablePrompt(io.ComfyNode):
         where = "Composable Prompt"
         if clip is None:
             raise ValueError(f"{where}: 'clip' is missing (the checkpoint has no text encoder)")
+        check_number(where, "weight", weight, -MAX_WEIGHT, MAX_WEIGHT)
         try:
             concepts = parse_composable_prompt(text, weight)
         except PromptSyntaxError as error:

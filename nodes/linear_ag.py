@@ -16,6 +16,7 @@ samplers/linear_ag.py.
   get a mark, and that run uses true CFG throughout (never silently regressed garbage).
 """
 import logging
+import math
 import os
 
 import torch
@@ -32,7 +33,7 @@ from ..samplers.linear_ag import Calibration
 from ..toyworld.weights import CALIBRATIONS_DIR
 from .adaptive_guidance import CATEGORY
 from .guiders import cfg_guider, guider_inputs, model_input
-from .patching import Technique, TwinSpec, guider_and_patch, install, model_identity
+from .patching import Technique, TwinSpec, check_number, guider_and_patch, install, model_identity
 from .stats_wrappers import node_id_of
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,10 @@ SIGMA_RTOL = 1e-4
 LinearAGCalibration = io.Custom("GUIDANCE_KIT_LINEAR_AG")
 CALIBRATED_MODEL_TOOLTIP = "The calibrated diffusion model (it is cloned, never modified)."
 NODE = "LinearAG"
+CALIBRATE_NODE = "LinearAG Calibrate"
+LOAD_NODE = "LinearAG Load Calibration"
+CFG_RTOL = 1e-3
+NAME_LIMIT = 255  # bytes of a file name on common file systems
 
 
 def negative_fingerprint(cond_list) -> torch.Tensor:
@@ -70,7 +75,7 @@ def full_cfg_trajectories(model, positives: list, negative, latent: dict, *, see
                           sampler_name: str, scheduler: str, on_step=None):
     """For each positive CONDITIONING, a full-CFG run (stock CFGGuider) of the latent's batch, noise
     from ``seed + index``; yields (xs, conds, unconds, evaluation_sigmas, samples) per prompt."""
-    if cfg <= 1.0:
+    if not cfg > 1.0:
         raise ValueError(f"LinearAG calibration: cfg must be > 1 (the unconditional is what is fitted), got {cfg}")
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
     latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
@@ -121,10 +126,20 @@ def calibrate(model, positives: list, negative, latent: dict, *, seed: int, step
                        negative_fingerprint(comfy.sampler_helpers.convert_cond(negative)), info)
 
 
+def cfg_mismatch(calibration: Calibration, cfg: float | None) -> str | None:
+    """A warning when sampling at another CFG scale than the calibration's (it still applies: the
+    regression is per trajectory, but was fitted on trajectories of the calibrated scale)."""
+    calibrated = calibration.info.get("cfg")
+    if cfg is None or not isinstance(calibrated, (int, float)) or math.isclose(cfg, calibrated, rel_tol=CFG_RTOL):
+        return None
+    return (f"LinearAG: sampling at cfg {cfg:g} with a calibration made at cfg {calibrated:g}; the regression was "
+            "fitted on other trajectories (calibrate at this cfg for the calibrated accuracy)")
+
+
 class LinearAGRun:
     """Per-run state: the pattern, the current anchor, and the first mismatch found (if any)."""
 
-    def __init__(self, calibration: Calibration, pattern: list[str], sigmas, sampler):
+    def __init__(self, calibration: Calibration, pattern: list[str], sigmas, sampler, cfg: float | None = None):
         self.calibration = calibration
         self.pattern = pattern
         self.evaluation = 0
@@ -132,6 +147,7 @@ class LinearAGRun:
         self.previous = None   # {"x", "cond"} of the previous evaluation
         self.problem = None
         self.reported = False
+        self.cfg_notice = cfg_mismatch(calibration, cfg)
         schedule = calibration.schedule
         function = getattr(getattr(sampler, "sampler_function", None), "__name__", None)
         if sigmas.shape != schedule.shape or not torch.allclose(sigmas.float().cpu(), schedule, rtol=SIGMA_RTOL,
@@ -170,12 +186,17 @@ class LinearAG(Technique):
 
     def start_run(self, guider, sigmas, sampler):
         pattern = lag.step_pattern(self.calibration.evaluations, self.true_every, self.guided_until)
-        return LinearAGRun(self.calibration, pattern, sigmas, sampler)
+        cfg = getattr(guider, "cfg", None)
+        return LinearAGRun(self.calibration, pattern, sigmas, sampler, float(cfg) if cfg is not None else None)
 
     def evaluate(self, state: LinearAGRun, evaluator, run):
         """True CFG, regressed unconditional, or conditional only, per the pattern."""
         state.check(evaluator)
         j = state.evaluation
+        if j == 0 and state.cfg_notice:
+            logger.warning(state.cfg_notice)
+            if run is not None:
+                run.mark(state.cfg_notice)
         state.evaluation += 1
         if state.problem is not None:
             if not state.reported:
@@ -206,10 +227,11 @@ class LinearAG(Technique):
 
 def patch_linear_ag(model, node_id=None, *, linear_ag: Calibration, true_every: int, guided_until: float):
     """Clone ``model`` with LinearAG installed; raises if the calibration is for another model."""
-    try:
-        lag.step_pattern(linear_ag.evaluations, true_every, guided_until)
-    except ValueError as error:
-        raise ValueError(f"{NODE}: {error}") from None
+    if not isinstance(linear_ag, Calibration):
+        raise ValueError(f"{NODE}: 'linear_ag' must come from LinearAG Calibrate or LinearAG Load, got "
+                         f"{type(linear_ag).__name__}")
+    check_number(NODE, "true_every", true_every, 1, 100)
+    check_number(NODE, "guided_until", guided_until, 0.0, 1.0)
     identity = model_identity(model)
     if identity != linear_ag.info.get("model"):
         raise ValueError(f"{NODE}: the calibration was fitted on model {linear_ag.info.get('model')}, "
@@ -269,22 +291,49 @@ class LinearAGCalibrate(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, prompts, negative_prompt, latent, seed, steps, cfg, sampler_name, scheduler,
                 filename) -> io.NodeOutput:
-        name = filename.strip().removesuffix(".safetensors")
-        if not name or os.path.basename(name) != name or name.startswith("."):
-            raise ValueError(f"LinearAG Calibrate: filename must be a plain file name, got {filename!r}")
+        path = calibration_path(filename)
+        check_number(CALIBRATE_NODE, "cfg", cfg, 1.0, 100.0, low_open=True)
+        check_number(CALIBRATE_NODE, "steps", steps, 2, 200)
+        check_number(CALIBRATE_NODE, "seed", seed, 0, 0xffffffffffffffff)
+        check_latent(CALIBRATE_NODE, latent)
         lines = [line.strip() for line in prompts.splitlines() if line.strip()]
         if not lines:
-            raise ValueError("LinearAG Calibrate: prompts is empty; give at least one prompt (one per line)")
+            raise ValueError(f"{CALIBRATE_NODE}: 'prompts' is empty; give at least one prompt (one per line)")
         positives = [_encode(clip, line) for line in lines]
         calibration = calibrate(model, positives, _encode(clip, negative_prompt), latent, seed=seed, steps=steps,
                                 cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
                                 negative_prompt=negative_prompt, node_id=node_id_of(cls))
-        folder = folder_paths.get_folder_paths(FOLDER)[0]
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, name + ".safetensors")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         calibration.save(path)
         logger.info(f"LinearAG: saved {path} ({calibration.describe()})")
         return io.NodeOutput(calibration)
+
+
+def calibration_path(filename: str) -> str:
+    """Where LinearAG Calibrate saves ``filename``: a plain name in models/linear_ag/, checked before
+    any compute (no path, not hidden, not too long, not a directory, not a shipped calibration's name)."""
+    name = str(filename).strip().removesuffix(".safetensors")
+    if not name or os.path.basename(name) != name or name.startswith(".") or any(c in name for c in "/\\\0"):
+        raise ValueError(f"{CALIBRATE_NODE}: 'filename' must be a plain file name, got {filename!r}")
+    if len((name + ".safetensors").encode()) > NAME_LIMIT:
+        raise ValueError(f"{CALIBRATE_NODE}: 'filename' is too long ({len(name.encode())} bytes; at most "
+                         f"{NAME_LIMIT - len('.safetensors')})")
+    if (CALIBRATIONS_DIR / (name + ".safetensors")).exists():
+        raise ValueError(f"{CALIBRATE_NODE}: 'filename' {name!r} is the name of a calibration shipped with the "
+                         "pack; choose another name (it would hide the shipped one in LinearAG Load)")
+    path = os.path.join(folder_paths.get_folder_paths(FOLDER)[0], name + ".safetensors")
+    if os.path.lexists(path) and not os.path.islink(path) and not os.path.isfile(path):
+        raise ValueError(f"{CALIBRATE_NODE}: 'filename' {name!r}: {path} exists and is not a file")
+    return path
+
+
+def check_latent(where: str, latent) -> None:
+    """A LATENT input with finite 'samples' of at least one image."""
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor) or samples.ndim < 4 or samples.shape[0] < 1:
+        raise ValueError(f"{where}: 'latent' must be a LATENT with a batch of images")
+    if not bool(torch.isfinite(samples).all()):
+        raise ValueError(f"{where}: 'latent' holds NaN or inf values")
 
 
 def _encode(clip, text):
@@ -306,8 +355,10 @@ class LinearAGLoad(io.ComfyNode):
 
     @classmethod
     def execute(cls, calibration) -> io.NodeOutput:
-        return io.NodeOutput(Calibration.load(folder_paths.get_full_path_or_raise(FOLDER, calibration),
-                                              "LinearAG Load 'calibration'"))
+        path = folder_paths.get_full_path(FOLDER, calibration) if calibration in calibration_files() else None
+        if path is None:
+            raise ValueError(f"{LOAD_NODE}: 'calibration' {calibration!r} is not a file in models/linear_ag/")
+        return io.NodeOutput(Calibration.load(path, f"{LOAD_NODE} 'calibration'"))
 
 
 def _apply_inputs():

@@ -221,6 +221,8 @@ def install(model, technique: Technique, node_id: str | None = None):
         guider = executor.class_obj
         sampler = args[2] if len(args) > 2 else kwargs["sampler"]
         sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
+        latent_image = args[1] if len(args) > 1 else kwargs["latent_image"]
+        check_sampling_inputs(technique.node, guider, latent_image)
         slot = _RunSlot(technique.start_run(guider, sigmas, sampler))
         guider.model_options.setdefault("transformer_options", {})[key] = slot
         return executor(*args, **kwargs)
@@ -258,6 +260,18 @@ def install(model, technique: Technique, node_id: str | None = None):
         patched.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, key, predict_noise)
     technique.patch(patched, key)
     return patched
+
+
+def check_sampling_inputs(where: str, guider, latent_image: torch.Tensor) -> None:
+    """What a sampling run needs and ComfyUI would turn into a wrong image without an error: a
+    finite latent, a non-empty positive, and a non-empty negative when CFG uses it."""
+    if not bool(torch.isfinite(latent_image).all()):
+        raise ValueError(f"{where}: the sampler's 'latent_image' holds NaN or inf values")
+    conds = getattr(guider, "conds", {})
+    needed = ["positive"] + (["negative"] if getattr(guider, "cfg", 1.0) != 1.0 else [])
+    empty = [name for name in needed if name in conds and not conds[name]]
+    if empty:
+        raise ValueError(f"{where}: the '{empty[0]}' conditioning is empty (no entries)")
 
 
 def model_identity(model) -> str:

@@ -6,10 +6,17 @@ CFGGuider (it *is* one, over a cloned model), plus model rows counted per evalua
 from comfy_api.latest import io
 
 from .guiders import cfg_guider, guider_inputs
-from .patching import Technique, install
+from .patching import Technique, check_number, install
 from .stats_wrappers import node_id_of
 
 CATEGORY = "Guidance Kit"
+NODE = "Reference CFG Guider"
+
+
+class ReferenceCFG(Technique):
+    """Plain CFG: nothing but the contract's run statistics."""
+
+    node = NODE
 
 
 class ReferenceCFGGuider(io.ComfyNode):
@@ -28,7 +35,8 @@ class ReferenceCFGGuider(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, cfg) -> io.NodeOutput:
-        return io.NodeOutput(cfg_guider(install(model, Technique(), node_id_of(cls)), positive, negative, cfg))
+        check_number(NODE, "cfg", cfg, 0.0, 100.0)
+        return io.NodeOutput(cfg_guider(install(model, ReferenceCFG(), node_id_of(cls)), positive, negative, cfg))
 
 
 NODES = [ReferenceCFGGuider]

@@ -17,6 +17,7 @@ Weights come from ``toyworld/weights/`` next to the pack, or from ComfyUI's ``mo
 import os
 
 import torch
+from safetensors import SafetensorError
 
 import comfy.conds
 import comfy.latent_formats
@@ -31,6 +32,7 @@ from comfy_api.latest import io
 
 from ..toyworld import scenes, weights
 from ..toyworld.model import ToyDiT, ToyTextEncoder
+from .patching import check_number
 
 CATEGORY = "Guidance Kit/toy world"
 FOLDER = "toyworld"
@@ -166,8 +168,18 @@ class ToyWorldLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, diffusion_model) -> io.NodeOutput:
-        return io.NodeOutput(load_model(weight_path(diffusion_model)),
-                             load_clip(weight_path(weights.MAIN_WEIGHTS.name)), pixel_space_vae())
+        where = "Load Toy World Model: 'diffusion_model'"
+        if diffusion_model not in weight_files():
+            raise ValueError(f"{where} {diffusion_model!r} is not a toy-world weight file (toyworld/weights/ or "
+                             "models/toyworld/)")
+        path = weight_path(diffusion_model)
+        try:
+            model = load_model(path)
+        except (OSError, ValueError, RuntimeError, SafetensorError, TypeError) as error:
+            raise ValueError(f"{where}: {path} is not a toy-world DiT file ({error})") from None
+        if not all(bool(torch.isfinite(p).all()) for p in model.model.diffusion_model.parameters()):
+            raise ValueError(f"{where}: {path} holds NaN or inf weights")
+        return io.NodeOutput(model, load_clip(weight_path(weights.MAIN_WEIGHTS.name)), pixel_space_vae())
 
 
 class ToyWorldEmptyLatent(io.ComfyNode):
@@ -184,6 +196,7 @@ class ToyWorldEmptyLatent(io.ComfyNode):
 
     @classmethod
     def execute(cls, batch_size) -> io.NodeOutput:
+        check_number("Empty Toy World Latent", "batch_size", batch_size, 1, 256)
         size = scenes.IMAGE_SIZE
         return io.NodeOutput({"samples": torch.zeros(batch_size, ToyWorldLatentFormat.latent_channels, size, size,
                                                      device=comfy.model_management.intermediate_device())})

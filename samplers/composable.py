@@ -39,12 +39,22 @@ def localise(concept: torch.Tensor, uncond: torch.Tensor, coverage: torch.Tensor
     return concept if coverage is None else uncond + coverage * (concept - uncond)
 
 
+MAX_WEIGHT = 100.0  # the weight widgets' range, ±100
+MAX_CONCEPTS = 64   # each concept costs one model row per sample and evaluation (plain CFG: 2)
+
+
 def check_weights(weights: list[float], where: str) -> None:
-    """Raise a clear error for a composition that cannot guide anything."""
+    """Raise a clear error for a composition that cannot guide anything, has a weight outside
+    ±``MAX_WEIGHT`` or more than ``MAX_CONCEPTS`` concepts."""
     if not weights:
         raise ValueError(f"{where}: the composition has no concepts")
-    if not all(math.isfinite(w) for w in weights):
-        raise ValueError(f"{where}: concept weights must be finite numbers, got {weights}")
+    if len(weights) > MAX_CONCEPTS:
+        raise ValueError(f"{where}: {len(weights)} concepts, at most {MAX_CONCEPTS} (each costs one model row per "
+                         "sample and step)")
+    bad = [w for w in weights if not (math.isfinite(w) and abs(w) <= MAX_WEIGHT)]
+    if bad:
+        raise ValueError(f"{where}: concept weights must be finite numbers in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}], "
+                         f"got {bad[:4]}")
     if all(w == 0 for w in weights):
         raise ValueError(f"{where}: every concept weight is 0, so there is nothing to compose")
 

@@ -166,8 +166,12 @@ class Calibration:
         tensors, info = bundle.tensors, bundle.metadata
         try:
             terms = validate_terms(info.get("terms", ()))
-        except ValueError as error:
+        except (TypeError, ValueError) as error:
             raise ValueError(f"{where}: {path}: {error}") from None
+        not_float = sorted(key for key, value in tensors.items() if not value.is_floating_point())
+        if not_float:
+            raise ValueError(f"{where}: {path}: {not_float} must be floating-point tensors")
+        tensors = {key: value.float() for key, value in tensors.items()}
         c = tensors["coefficients"]
         consistent = c.ndim == 4 and c.shape[0] == c.shape[1] and c.shape[3] == len(terms) \
             and tensors["evaluation_sigmas"].shape == c.shape[:1] and tensors["schedule"].ndim == 1 \

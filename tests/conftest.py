@@ -6,10 +6,12 @@ this pack's ``nodes/`` folder.  Pack modules are imported as ``guidance_kit.*`` 
 into ComfyUI's ``custom_nodes/`` under that name).
 """
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -17,6 +19,14 @@ if str(REPO) not in sys.path:
 
 from harness import comfy_host, tiny_models  # noqa: E402
 from harness.server import ComfyServer  # noqa: E402
+
+# Property-based tests (hypothesis): a small, derandomised example budget by default (CI); set
+# GUIDANCE_KIT_HYPOTHESIS=thorough for 25x the examples (fresh random ones each run).
+HYPOTHESIS_COMMON = dict(deadline=None, database=None, print_blob=True,
+                         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+settings.register_profile("ci", max_examples=8, derandomize=True, **HYPOTHESIS_COMMON)
+settings.register_profile("thorough", max_examples=200, **HYPOTHESIS_COMMON)
+settings.load_profile(os.environ.get("GUIDANCE_KIT_HYPOTHESIS", "ci"))
 
 COMFY_DIR = comfy_host.boot()  # before test modules are collected: they import comfy.*
 TEST_NODES = REPO / "tests" / "comfy_test_nodes"
