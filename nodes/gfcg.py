@@ -182,7 +182,23 @@ class ReferenceGuidance(Technique):
     def variant_key(self, head: str, k: int) -> str:
         return f"{self.conds_key}.{head}.{k}"
 
+    def check_variants(self, guider) -> None:
+        """The reference prompts must be conditioning of the sampled model's kind (same embedding width
+        and extra inputs as the positive), i.e. encoded by that model's CLIP."""
+        positive = guider.conds.get("positive") or []
+        variant = comfy.sampler_helpers.convert_cond(next(iter(self.gfcg.prompts.variants.values()))[0])
+        if not positive or not variant:
+            return
+        mine, theirs = positive[0], variant[0]
+        width = [entry["cross_attn"].shape[-1] if isinstance(entry.get("cross_attn"), torch.Tensor) else None
+                 for entry in (mine, theirs)]
+        if width[0] != width[1] or ("pooled_output" in mine) != ("pooled_output" in theirs):
+            raise ValueError(f"{self.node} 'clip': the reference prompts it encodes (width {width[1]}) do not fit "
+                             f"the positive conditioning (width {width[0]}); connect the CLIP of the sampled model")
+
     def start_run(self, guider, sigmas, sampler):
+        if self.gfcg:
+            self.check_variants(guider)
         if self.weak is not None:
             self.weak.pre_run()  # ComfyUI prepares only the sampled patcher; the weak one is cleaned up with it
         if self.gfcg:
@@ -320,7 +336,7 @@ def patch_autoguidance(model, node_id, weak_model):
 def patch_gfcg(model, node_id, classifier, clip, prompt, targets, scale, confidence, start_percent, every,
                reference_row, weak_model=None):
     """A clone of ``model`` with GFCG (and Autoguidance when ``weak_model`` is given) installed."""
-    where = "GFCG"
+    where = "GFCG + Autoguidance" if weak_model is not None else "GFCG"
     check_number(where, "scale", scale, 0.0, 100.0)
     check_number(where, "confidence", confidence, 0.0, 1.0)
     check_number(where, "start_percent", start_percent, 0.0, 1.0)

@@ -69,6 +69,9 @@ class Row:
     # The clear error (a regex after the node's name) the node raises when its toy-world inputs meet a model
     # of another family (tests/test_reliability.py); None: it samples every family.
     other_family_error: str | None = None
+    # The main model evaluates more than one cond list per evaluation (False for Autoguidance: one main
+    # row, one weak row), so ComfyUI's low-memory path has lists to split.
+    splits: bool = True
 
     def positive(self, world):
         return world.composition if self.composes else world.positive
@@ -132,6 +135,10 @@ def _patch(name):
     return build
 
 
+# the toy world's CLIP (reference prompts) and weak DiT given to another family's model
+GFCG_FAMILY = "'clip': the reference prompts"
+WEAK_FAMILY = "'weak_model': a ToyWorldModel .*cannot guide"
+
 TABLE = [
     Row("Reference CFG Guider", _guider("reference"), guider=True, uses_slot=False),
     Row("Adaptive Guidance Guider", _guider("ag"), guider=True),
@@ -142,11 +149,14 @@ TABLE = [
         other_family_error="the calibration was fitted on model ToyWorldModel"),
     Row("Composable Guider", _guider("composable"), guider=True, composes=True),
     Row("Composable", _patch("composable"), guider=False, composes=True),
-    Row("GFCG Guider", _reference_guidance("gfcg", True), guider=True),
-    Row("GFCG", _reference_guidance("gfcg", False), guider=False),
-    Row("GFCG Guider + weak model", _reference_guidance("gfcg_atg", True), guider=True),
-    Row("Autoguidance Guider", _reference_guidance("atg", True), guider=True),
-    Row("Autoguidance", _reference_guidance("atg", False), guider=False),
+    Row("GFCG Guider", _reference_guidance("gfcg", True), guider=True, other_family_error=GFCG_FAMILY),
+    Row("GFCG", _reference_guidance("gfcg", False), guider=False, other_family_error=GFCG_FAMILY),
+    Row("GFCG + Autoguidance Guider", _reference_guidance("gfcg_atg", True), guider=True, splits=False,
+        other_family_error=WEAK_FAMILY),
+    Row("Autoguidance Guider", _reference_guidance("atg", True), guider=True, splits=False,
+        other_family_error=WEAK_FAMILY),
+    Row("Autoguidance", _reference_guidance("atg", False), guider=False, splits=False,
+        other_family_error=WEAK_FAMILY),
 ]
 PATCHES = [row for row in TABLE if not row.guider]
 ids = [row.node for row in TABLE]

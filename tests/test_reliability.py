@@ -319,7 +319,10 @@ def test_separate_cond_and_uncond_calls_equal_the_batched_path(world, row, monke
     monkeypatch.setattr(comfy.model_management, "get_free_memory",
                         lambda dev=None, torch_free_too=False: (1, 1) if torch_free_too else 1)
     split, split_rows = run()
-    assert batched_rows > 2 and split_rows == 2, "the low-memory path did not split the conds"
+    if row.splits:
+        assert batched_rows > 2 and split_rows == 2, "the low-memory path did not split the conds"
+    else:
+        assert batched_rows == split_rows == 2, "one main cond list per evaluation: nothing to split"
     # float32 reassociation, amplified by cfg x weights (Composable: up to 8e-5 on images in [-1, 1]);
     # cond and uncond swapped or mixed up would differ by O(0.1)
     torch.testing.assert_close(split, batched, rtol=1e-3, atol=2e-4)
@@ -572,7 +575,28 @@ NON_TECHNIQUE_NODES = {
     "GuidanceKitLinearAGCalibrate": "test_odd_calibration_filenames_are_rejected_before_compute",
     "GuidanceKitLinearAGLoad": "test_damaged_calibration_files_load_or_fail_naming_node_input_and_file",
     "GuidanceKitRunStats": "test_run_stats_without_a_technique_source_names_the_input",
+    "GuidanceKitLoadClassifier": "test_classifier_loaders_refuse_bad_files_and_inputs_naming_them",
+    "GuidanceKitClipZeroShotClassifier": "test_classifier_loaders_refuse_bad_files_and_inputs_naming_them",
 }
+
+
+def test_classifier_loaders_refuse_bad_files_and_inputs_naming_them(tmp_path, monkeypatch):
+    """Load Classifier: a damaged or foreign file in models/classifiers/ names the node and the file;
+    pixel source 'vae' without a VAE and CLIP Zero-Shot classes/template errors name the input."""
+    import folder_paths
+
+    from guidance_kit.nodes.classifier import ClipZeroShotClassifier, LoadClassifier
+
+    (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 64)
+    monkeypatch.setattr(folder_paths, "get_full_path_or_raise", lambda folder, name: str(tmp_path / name))
+    with pytest.raises(ValueError, match=r"Load Classifier 'classifier' \(broken.safetensors\).*broken.safetensors"):
+        LoadClassifier.execute("broken.safetensors", "auto")
+    with pytest.raises(ValueError, match="Load Classifier: pixel_source 'vae' needs the 'vae' input"):
+        LoadClassifier.execute("toy_classifier.safetensors (toy world)", "vae")
+    with pytest.raises(ValueError, match="CLIP Zero-Shot Classifier 'classes'"):
+        ClipZeroShotClassifier.execute(None, None, "colour: red", "{}", "auto")
+    with pytest.raises(ValueError, match="CLIP Zero-Shot Classifier 'template'"):
+        ClipZeroShotClassifier.execute(None, None, "red, blue", "no slot", "auto")
 
 
 def test_every_pack_node_is_covered():
