@@ -186,7 +186,7 @@ class ExpertTraining:
     """Settings of ``train_experts`` (defaults: the toy world's bundle; the paper: rank 16, α 8, lr 1e-4)."""
 
     experts: int = DEFAULT_EXPERTS
-    steps: int = 300            # per expert
+    steps: int = 120            # per expert
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.05  # the paper's AdamW weight decay

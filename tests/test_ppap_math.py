@@ -139,10 +139,3 @@ def test_guidance_gradient_uses_each_samples_expert_inside_inference_mode():
         assert float(probability[row]) == pytest.approx(float(log_prob.detach().exp()), rel=1e-5)
     with pytest.raises(ValueError, match="above the experts' noise ranges"):
         classifier.guidance_gradient(x, torch.tensor([0.2, 1.2, 0.5]), lambda x, s: x, "colour", 2)
-
-
-def test_unknown_class_name_is_named():
-    classifier = ppap.ExpertClassifier(toy_classifier(), [{}], torch.tensor([[0.0, 1.0]]), {"colour": ["red", "blue"]})
-    assert classifier.target_index("colour", "blue") == 1
-    with pytest.raises(KeyError, match="unknown class 'mauve'"):
-        classifier.target_index("colour", "mauve")
