@@ -147,7 +147,7 @@ def train_bundle(model, classifier, conditionings: list, latent: dict, out_path,
         with torch.no_grad():
             teacher = {head: torch.cat([classifier.logits(read(part, torch.zeros(len(part))))[head].cpu()
                                         for part in pool.split(256)]) for head in classifier.heads}
-        network = ppap.student_network(classifier, settings.rank, settings.alpha)
+        network = ppap.student_network(classifier, settings.rank, settings.alpha, seed=settings.seed)
         schedule = schedule_sigmas(model, where)
         experts, losses = ppap.train_experts(
             network, classifier.prepare, pool, teacher, read, forward_coefficients(model), schedule, settings,

@@ -23,7 +23,7 @@ NORM_TYPES = (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm2d, nn.BatchNorm1d, nn.Ins
 class LoRALayer(nn.Module):
     """A frozen Conv2d or Linear plus a trainable rank-``rank`` update scaled by ``alpha / rank``."""
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float):
+    def __init__(self, base: nn.Module, rank: int, alpha: float, generator: torch.Generator | None = None):
         super().__init__()
         self.base = base
         self.scale = alpha / rank
@@ -36,26 +36,27 @@ class LoRALayer(nn.Module):
             self.up = nn.Linear(rank, base.out_features, bias=False)
         self.down.to(base.weight)
         self.up.to(base.weight)
-        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5), generator=generator)
         nn.init.zeros_(self.up.weight)
 
     def forward(self, x):
         return self.base(x) + self.scale * self.up(self.down(x))
 
 
-def add_lora(network: nn.Module, rank: int, alpha: float, exclude: tuple[str, ...] = ()) -> list[str]:
+def add_lora(network: nn.Module, rank: int, alpha: float, exclude: tuple[str, ...] = (), seed: int = 0) -> list[str]:
     """Wrap every Conv2d / Linear of ``network`` (in place) whose qualified name does not start with
-    an ``exclude`` prefix; freeze everything, then unfreeze adapters, norms and adapted biases.
-    Returns the trainable parameter names, sorted."""
+    an ``exclude`` prefix (adapters initialised from ``seed``, not the global RNG); freeze everything,
+    then unfreeze adapters, norms and adapted biases.  Returns the trainable parameter names, sorted."""
     targets = [(name, module) for name, module in network.named_modules()
                if isinstance(module, (nn.Conv2d, nn.Linear)) and not name.startswith(tuple(exclude)) and name]
     if not targets:
         raise ValueError("add_lora: the network has no Conv2d or Linear layer to adapt")
     network.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = network.get_submodule(parent_name) if parent_name else network
-        wrapped = LoRALayer(module, rank, alpha)
+        wrapped = LoRALayer(module, rank, alpha, generator)
         if module.bias is not None:
             module.bias.requires_grad_(True)
         setattr(parent, child, wrapped)

@@ -255,14 +255,14 @@ BUNDLE_FORMAT = "guidance_kit.ppap_experts/1"
 DEFAULT_EXCLUDE = ("heads",)
 
 
-def student_network(classifier, rank: int, alpha: float, exclude=DEFAULT_EXCLUDE) -> nn.Module:
+def student_network(classifier, rank: int, alpha: float, exclude=DEFAULT_EXCLUDE, seed: int = 0) -> nn.Module:
     """A copy of ``classifier.network`` with LoRA on its Conv2d/Linear layers (except ``exclude``: the output
     heads, as the paper leaves the ResNet's fc alone), adapters, norms and adapted biases trainable."""
     import copy
 
     with torch.inference_mode(False):
         network = copy.deepcopy(classifier.network)
-        add_lora(network, rank, alpha, tuple(exclude))
+        add_lora(network, rank, alpha, tuple(exclude), seed)
     return network
 
 

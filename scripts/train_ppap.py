@@ -12,6 +12,11 @@ The same code as the *PPAP Train Experts* node.  Runs on one process by default 
 folder).  Resumable: the generated samples and each expert's checkpoint live in ``--work``.  Prints one JSON
 line with the bundle's training facts.
 """
+import os
+
+# Spinning OpenMP threads collapse throughput on shared cores (toyworld/sample.py); set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import json
 import sys

@@ -69,7 +69,7 @@ def test_training_is_data_free_resumable_and_moves_only_the_adapters(toy, tmp_pa
     assert all(torch.equal(first.experts[k][n], second.experts[k][n]) for k in range(2) for n in first.experts[k])
 
 
-def _train_cli(out, work, launcher=()):
+def _train_cli(out, work, launcher=(sys.executable,)):
     command = [*launcher, "scripts/train_ppap.py", "--toyworld", "--images", "8", "--batch", "4", "--sample-steps",
                "2", "--experts", "2", "--steps", "3", "--train-batch", "4", "--out", str(out), "--work", str(work)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
