@@ -122,10 +122,10 @@ def test_guidance_also_works_with_cfg_on(toy):
     model, empty, classifier = toy
     probabilities = {}
     for scale in (0.0, 30.0):
-        guider = PPAPGuider.execute(model, empty, empty, 3.0, classifier, TOY_EXPERTS, "shape: square", scale)[0]
+        guider = PPAPGuider.execute(model, empty, empty, 3.0, classifier, TOY_EXPERTS, "colour: blue", scale)[0]
         samples = sample_guider(guider, empty_latent(4), steps=10, scheduler="simple", seed=2)
         with torch.no_grad():
-            probabilities[scale] = float(classifier.probabilities(samples)["shape"][:, 1].mean())
+            probabilities[scale] = float(classifier.probabilities(samples)["colour"][:, 5].mean())
     assert probabilities[30.0] > probabilities[0.0] + 0.1, probabilities
 
 
@@ -210,7 +210,7 @@ def test_errors_name_the_node_and_input(toy, tiny_eps, experts_folder):
         PPAPModelPatch.execute(model, classifier, TOY_EXPERTS, "mauve", 7.5)
     with pytest.raises(ValueError, match=r"PPAP Guidance 'target'.*'pink' is not a class of head 'colour'"):
         PPAPModelPatch.execute(model, classifier, TOY_EXPERTS, "colour: pink", 7.5)
-    with pytest.raises(ValueError, match=r"PPAP Guidance 'scale'"):
+    with pytest.raises(ValueError, match=r"PPAP Guidance: 'scale' must be a finite number"):
         PPAPModelPatch.execute(model, classifier, TOY_EXPERTS, "colour: red", float("nan"))
     # another base classifier: same architecture, other weights
     other = classifier.network.__class__(**classifier.network.config)
