@@ -47,6 +47,7 @@ def save_bundle(path, tensors: dict[str, torch.Tensor], metadata: dict, format: 
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
+        os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide the file from other users of the models folder
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
