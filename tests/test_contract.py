@@ -7,6 +7,7 @@ PerpNegGuider and APG either work with it or raise an error naming both nodes.  
 world's DiT (it honours ComfyUI's ``patches_replace`` block patches like Flux's single blocks).
 """
 import copy
+import functools
 import itertools
 from dataclasses import dataclass
 from typing import Callable
@@ -98,6 +99,25 @@ def _patch(name):
     return build
 
 
+@functools.cache
+def _toy_classifier():
+    from guidance_kit.samplers.classifier import toy_classifier
+    from guidance_kit.toyworld import weights
+
+    return toy_classifier(weights.CLASSIFIER_WEIGHTS, "contract")
+
+
+def _ppap(guider):
+    def build(world, model):
+        from guidance_kit.nodes.ppap import TOY_EXPERTS, PPAPGuider, PPAPModelPatch
+
+        options = (_toy_classifier(), TOY_EXPERTS, "colour: red", 30.0)
+        if guider:
+            return PPAPGuider.execute(model, world.positive, world.negative, CFG, *options)[0]
+        return PPAPModelPatch.execute(model, *options)[0]
+    return build
+
+
 TABLE = [
     Row("Reference CFG Guider", _guider("reference"), guider=True, uses_slot=False),
     Row("Adaptive Guidance Guider", _guider("ag"), guider=True),
@@ -106,6 +126,8 @@ TABLE = [
     Row("LinearAG", _patch("linear_ag"), guider=False),
     Row("Composable Guider", _guider("composable"), guider=True, composes=True),
     Row("Composable", _patch("composable"), guider=False, composes=True),
+    Row("PPAP Guider", _ppap(guider=True), guider=True, uses_slot=False),
+    Row("PPAP Guidance", _ppap(guider=False), guider=False, uses_slot=False),
 ]
 PATCHES = [row for row in TABLE if not row.guider]
 ids = [row.node for row in TABLE]
@@ -223,6 +245,9 @@ def test_over_comfyui_patches(world, row, comfy_patch):
 def test_comfyui_patches_on_top(world, row):
     assert_image(sample(cfg_guider(_apg(row.build(world, world.model)), row.positive(world), world.negative, CFG)))
     slg_on_top = cfg_guider(_slg(row.build(world, world.model)), row.positive(world), world.negative, CFG)
+    if not row.uses_slot:  # a post-CFG technique: SLG's own calc-cond-batch function bypasses nothing of it
+        assert_image(sample(slg_on_top))
+        return
     message = rf"{row.node}: 'SkipLayerGuidanceDiTSimple' replaced .* apply {row.node} last"
     with pytest.raises(RuntimeError, match=message):
         sample(slg_on_top)
