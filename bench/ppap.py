@@ -65,11 +65,10 @@ def ensure_bundle(world, classifier, work: Path, experts: int) -> Path:
 
 def sample(world, classifier, experts, head, name, scale, seeds, base_seed):
     """Images [seeds, 32, 32, 3] in [0, 1] for one target, noise seed ``base_seed + target index``."""
-    from harness.sampling import cfg_guider, sample_guider
-
     from guidance_kit.nodes import ppap as adapter
     from guidance_kit.nodes.patching import install
     from guidance_kit.nodes.toyworld import ToyWorldEmptyLatent
+    from harness.sampling import cfg_guider, sample_guider
 
     model = world.model
     if experts is not None and scale > 0:
@@ -169,8 +168,8 @@ def main(argv=None):
     results = {"none": none}
     figures["none_acc"], figures["none_acc_se"] = rate(none["hits"])
     for label, (student, meta) in students.items():
-        dev = {scale: rate(evaluate(world, classifier, student, scale, dev_seeds, DEV_SEED, none_dev["verdicts"])["hits"])[0]
-               for scale in SCALES}
+        dev = {scale: rate(evaluate(world, classifier, student, scale, dev_seeds, DEV_SEED,
+                                    none_dev["verdicts"])["hits"])[0] for scale in SCALES}
         scale = max(SCALES, key=lambda s: (dev[s], -s))
         result = evaluate(world, classifier, student, scale, validation_seeds, VALIDATION_SEED, none["verdicts"])
         results[label] = result

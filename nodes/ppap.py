@@ -270,7 +270,7 @@ SCALE_TOOLTIP = ("Gradient scale s of classifier guidance: the denoised predicti
 def _options_inputs() -> list:
     return [
         ClassifierType.Input("classifier", tooltip="The off-the-shelf classifier the experts were trained from "
-                                                   "(Load Classifier); its pixel source says how latents become pixels."),
+                                                   "(Load Classifier); its pixel source turns latents into pixels."),
         io.Combo.Input("experts", options=expert_files(), default=TOY_EXPERTS if TOY_EXPERTS in expert_files()
                        else NAIVE_CHOICE,
                        tooltip="Expert bundle from models/ppap/ (PPAP Train Experts), trained for this classifier "
@@ -309,12 +309,12 @@ class PPAPTrainExperts(io.ComfyNode):
                         "prompt at cfg 1 is unconditional generation), labels them with the classifier, and distils "
                         "it into LoRA experts for noise ranges of this model. Writes models/ppap/<filename>.",
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model whose samples and noise levels the experts learn."),
+                io.Model.Input("model", tooltip="The diffusion model whose samples and noise levels they learn."),
                 io.Conditioning.Input("positive", tooltip="Prompt of the generated samples (empty = unconditional)."),
                 io.Conditioning.Input("negative"),
                 io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01),
                 ClassifierType.Input("classifier", tooltip="The off-the-shelf classifier (the teacher)."),
-                io.Latent.Input("latent", tooltip="Empty latent: its batch is the sampling batch, its size the images'."),
+                io.Latent.Input("latent", tooltip="Empty latent: sampling batch and image size."),
                 io.Int.Input("images", default=1024, min=1, max=1_000_000, tooltip="Clean samples to generate."),
                 io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler"),
                 io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="simple"),

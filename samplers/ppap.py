@@ -42,8 +42,9 @@ MIN_SIGNAL = 0.05
 def distillation_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
                       temperature: float = TEACHER_TEMPERATURE) -> torch.Tensor:
     """PPAP Eq. 6 summed over heads: Σ_h mean_batch KL(softmax(teacher_h / τ) ‖ softmax(student_h))."""
-    return sum(F.kl_div(F.log_softmax(student[head], dim=-1), F.log_softmax(teacher[head].detach() / temperature, dim=-1),
-                        reduction="batchmean", log_target=True)
+    return sum(F.kl_div(F.log_softmax(student[head], dim=-1),
+                        F.log_softmax(teacher[head].detach() / temperature, dim=-1), reduction="batchmean",
+                        log_target=True)
                for head in teacher)
 
 
@@ -92,13 +93,15 @@ def sample_training_sigmas(schedule_sigmas: torch.Tensor, timestep_range: tuple[
     return schedule_sigmas[steps].float()
 
 
-def forward_process(alpha: torch.Tensor, noise_std: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def forward_process(alpha: torch.Tensor, noise_std: torch.Tensor, x0: torch.Tensor,
+                    noise: torch.Tensor) -> torch.Tensor:
     """x = α·x0 + σ_t·n, α and σ_t per sample [B]."""
     shape = (-1,) + (1,) * (x0.ndim - 1)
     return alpha.view(shape) * x0 + noise_std.view(shape) * noise
 
 
-def denoised_guidance(gradient: torch.Tensor, alpha: torch.Tensor, noise_std: torch.Tensor, scale: float) -> torch.Tensor:
+def denoised_guidance(gradient: torch.Tensor, alpha: torch.Tensor, noise_std: torch.Tensor,
+                      scale: float) -> torch.Tensor:
     """What classifier guidance adds to the denoised prediction: s·σ_t² / max(α, MIN_SIGNAL) · g.
 
     Derivation.  ComfyUI's model returns D(x, σ) ≈ E[x0 | x] for the forward process
@@ -156,7 +159,8 @@ class ExpertClassifier:
             for expert in experts.unique().tolist():
                 rows = (experts == expert).nonzero().flatten()
                 logits = self.logits(read_pixels(x[rows], sigma[rows]), expert)[head].float()
-                log_prob = log_prob.index_put((rows.to(x.device),), F.log_softmax(logits, dim=-1)[:, target].to(x.device))
+                log_prob = log_prob.index_put((rows.to(x.device),),
+                                              F.log_softmax(logits, dim=-1)[:, target].to(x.device))
             gradient, = torch.autograd.grad(log_prob.sum(), x)
         return gradient.detach(), log_prob.detach().exp(), experts
 

@@ -66,6 +66,7 @@ def main(argv=None):
 
     import comfy.sd
     import nodes
+
     from guidance_kit.nodes import ppap as adapter
     from guidance_kit.nodes.classifier import with_pixel_source
     from guidance_kit.samplers.classifier import load_classifier, toy_classifier

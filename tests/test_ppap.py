@@ -7,9 +7,10 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import nodes
 import pytest
 import torch
+
+import nodes
 
 from harness.sampling import ksample, sample_guider
 
@@ -95,7 +96,7 @@ def test_torchrun_two_processes_match_one_process(toy, tmp_path):
 
 def test_shipped_experts_steer_unconditional_samples_toward_a_colour(toy):
     """cfg 1 (unconditional) through KSampler with the PPAP patch: the oracle finds far more red main objects."""
-    from guidance_kit.nodes.ppap import PPAPModelPatch, TOY_EXPERTS
+    from guidance_kit.nodes.ppap import TOY_EXPERTS, PPAPModelPatch
     from guidance_kit.nodes.stats_wrappers import stats_sink
     from guidance_kit.nodes.toyworld import pixel_space_vae
     from guidance_kit.toyworld import oracle
@@ -117,7 +118,7 @@ def test_shipped_experts_steer_unconditional_samples_toward_a_colour(toy):
 
 
 def test_guidance_also_works_with_cfg_on(toy):
-    from guidance_kit.nodes.ppap import PPAPGuider, TOY_EXPERTS
+    from guidance_kit.nodes.ppap import TOY_EXPERTS, PPAPGuider
 
     model, empty, classifier = toy
     probabilities = {}
@@ -181,7 +182,8 @@ def test_latent_family_trains_and_loads_experts(tiny_eps, toy, tmp_path):
     train_tiny(tiny_eps.patcher, classifier, (tiny_eps.positive, tiny_eps.negative), tiny_eps.empty_latent(4), out)
     loaded, meta = ppap.load_experts(out, classifier, "test")
     assert meta["model"]["sampling"] == adapter.sampling_kind(tiny_eps.patcher) == "ModelSamplingDiscrete+EPS"
-    assert float(loaded.ranges[-1, 1]) == pytest.approx(float(tiny_eps.patcher.get_model_object("model_sampling").sigma_max))
+    sigma_max = float(tiny_eps.patcher.get_model_object("model_sampling").sigma_max)
+    assert float(loaded.ranges[-1, 1]) == pytest.approx(sigma_max)
 
 
 @pytest.fixture
@@ -198,9 +200,9 @@ def experts_folder(tmp_path, monkeypatch):
 
 
 def test_errors_name_the_node_and_input(toy, tiny_eps, experts_folder):
-    from guidance_kit.nodes.ppap import PPAPGuider, PPAPModelPatch, TOY_EXPERTS
+    from guidance_kit.nodes.ppap import TOY_EXPERTS, PPAPGuider, PPAPModelPatch
     from guidance_kit.samplers import ppap
-    from guidance_kit.samplers.classifier import save_classifier, load_classifier
+    from guidance_kit.samplers.classifier import load_classifier, save_classifier
     from guidance_kit.toyworld import weights
 
     model, empty, classifier = toy

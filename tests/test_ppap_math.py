@@ -20,7 +20,8 @@ def test_fresh_lora_leaves_the_network_unchanged_and_trains_only_adapters_norms_
     trainable = lora.add_lora(network, rank=4, alpha=4.0, exclude=("heads",))
     after = network(x)
     assert all(torch.allclose(before[h], after[h], atol=1e-6) for h in before)
-    norms = {f"{name}.{p}" for name, m in network.named_modules() if isinstance(m, nn.GroupNorm) for p in ("weight", "bias")}
+    norms = {f"{name}.{p}" for name, m in network.named_modules() if isinstance(m, nn.GroupNorm)
+             for p in ("weight", "bias")}
     adapters = {n for n in trainable if ".down." in n or ".up." in n}
     biases = {n for n in trainable if n.endswith("base.bias")}
     assert set(trainable) == norms | adapters | biases and norms and adapters and biases
@@ -36,7 +37,8 @@ def test_lora_conv_update_is_a_low_rank_conv_with_the_base_geometry():
     nn.init.normal_(layer.up.weight)
     x = torch.randn(1, 8, 10, 10)
     delta = layer(x) - base(x)
-    expected = 2.0 * nn.functional.conv2d(nn.functional.conv2d(x, layer.down.weight, stride=2, padding=1), layer.up.weight)
+    down = nn.functional.conv2d(x, layer.down.weight, stride=2, padding=1)
+    expected = 2.0 * nn.functional.conv2d(down, layer.up.weight)
     assert torch.allclose(delta, expected, atol=1e-5)
 
 
@@ -101,7 +103,8 @@ def test_denoised_guidance_matches_tweedie_on_a_gaussian():
         gradient, = torch.autograd.grad(log_post.sum(), xr)
         def posterior_mean(x, weights):
             # E[x0 | x, component] = m + α/var (x - α m) for x0 ~ N(m, I)
-            return sum(w[:, None] * (sign * mu + alpha / var * (x - sign * alpha * mu)) for sign, w in zip((1, -1), weights))
+            return sum(w[:, None] * (sign * mu + alpha / var * (x - sign * alpha * mu))
+                       for sign, w in zip((1, -1), weights))
         lp, lm = log_joint(x, 1), log_joint(x, -1)
         w_plus = torch.sigmoid(lp - lm)
         unconditional = posterior_mean(x, (w_plus, 1 - w_plus))
