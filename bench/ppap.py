@@ -154,11 +154,14 @@ def main(argv=None):
     work = Path(args.work)
     dev_seeds, validation_seeds = (2, 4) if args.quick else (3, 12)
     sweep = (5,) if args.quick else (2, 5, 10)
-    students = {"naive": (ppap.naive_classifier(classifier), None)}
-    for count in sorted({1, *sweep}):
-        path = ensure_bundle(world, classifier, work, count)
-        loaded, meta = ppap.load_experts(path, classifier, "bench")
-        students["single" if count == 1 else f"experts{count}"] = (loaded, meta)
+
+    def student(label):
+        """(ExpertClassifier, bundle metadata) of a configuration, its bundle trained first when missing."""
+        if label == "naive":
+            return ppap.naive_classifier(classifier), None
+        count = 1 if label == "single" else int(label.removeprefix("experts"))
+        return ppap.load_experts(ensure_bundle(world, classifier, work, count), classifier, "bench")
+    labels = ["naive", "single", "experts5", *(f"experts{n}" for n in sweep if n != 5)]
 
     started = time.perf_counter()
     figures = {"quick": args.quick, "dev_images": dev_seeds * len(targets()),
@@ -167,11 +170,12 @@ def main(argv=None):
     none = evaluate(world, classifier, None, 0.0, validation_seeds, VALIDATION_SEED)
     results = {"none": none}
     figures["none_acc"], figures["none_acc_se"] = rate(none["hits"])
-    for label, (student, meta) in students.items():
-        dev = {scale: rate(evaluate(world, classifier, student, scale, dev_seeds, DEV_SEED,
+    for label in labels:
+        experts, meta = student(label)
+        dev = {scale: rate(evaluate(world, classifier, experts, scale, dev_seeds, DEV_SEED,
                                     none_dev["verdicts"])["hits"])[0] for scale in SCALES}
         scale = max(SCALES, key=lambda s: (dev[s], -s))
-        result = evaluate(world, classifier, student, scale, validation_seeds, VALIDATION_SEED, none["verdicts"])
+        result = evaluate(world, classifier, experts, scale, validation_seeds, VALIDATION_SEED, none["verdicts"])
         results[label] = result
         figures[f"{label}_dev_acc_by_scale"] = {str(s): a for s, a in dev.items()}
         figures[f"{label}_scale"] = scale
@@ -189,7 +193,6 @@ def main(argv=None):
     figures["experts_acc"], figures["experts_acc_se"] = figures["experts5_acc"], figures["experts5_acc_se"]
     figures["trainable_frac"] = figures["experts5_trainable_frac"]
     figures["train_seconds"] = figures["experts5_train_seconds"]
-    figures["sample_seconds"] = round(students["experts5"][1]["sample_seconds"], 1)
     figures["sweep_acc"] = {str(n): figures[f"experts{n}_acc"] for n in sweep} | {"1": figures["single_acc"]}
     for better, worse in (("experts5", "naive"), ("experts5", "single"), ("single", "naive"), ("naive", "none")):
         figures[f"{better}_minus_{worse}"] = paired(results[better]["hits"], results[worse]["hits"])
