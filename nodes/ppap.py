@@ -39,8 +39,6 @@ from .stats_wrappers import current_run, node_id_of
 logger = logging.getLogger(__name__)
 FOLDER = "ppap"
 folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
-folder_paths.add_model_folder_path(FOLDER, str(WEIGHTS_DIR))  # the shipped toy-world experts
-folder_paths.folder_names_and_paths[FOLDER][1].add(".safetensors")
 POOL_FORMAT = "guidance_kit.ppap_pool/1"
 TOY_EXPERTS = "toy_ppap_experts.safetensors"
 
@@ -168,7 +166,14 @@ NAIVE_CHOICE = "none (off-the-shelf classifier on noisy inputs)"
 
 
 def expert_files() -> list[str]:
-    return [NAIVE_CHOICE, *folder_paths.get_filename_list(FOLDER)]
+    """The naive choice, the shipped toy-world experts, then ``models/ppap/``."""
+    return [NAIVE_CHOICE, TOY_EXPERTS, *(n for n in folder_paths.get_filename_list(FOLDER) if n != TOY_EXPERTS)]
+
+
+def experts_path(name: str) -> str | None:
+    """The shipped toy experts from ``toyworld/weights/``, any other file from ``models/ppap/`` (None: absent)."""
+    shipped = WEIGHTS_DIR / TOY_EXPERTS
+    return str(shipped) if name == TOY_EXPERTS and shipped.is_file() else folder_paths.get_full_path(FOLDER, name)
 
 
 def load_for(model, classifier, experts: str, where: str) -> ppap.ExpertClassifier:
@@ -176,7 +181,7 @@ def load_for(model, classifier, experts: str, where: str) -> ppap.ExpertClassifi
     ``where`` for a bundle of another classifier, input size or noise parametrisation."""
     if experts == NAIVE_CHOICE:
         return ppap.naive_classifier(classifier)
-    path = folder_paths.get_full_path(FOLDER, experts)
+    path = experts_path(experts)
     if path is None:
         raise ValueError(f"{where} 'experts': {experts!r} is not in models/{FOLDER}/")
     loaded, meta = ppap.load_experts(path, classifier, f"{where} 'experts'")
@@ -271,8 +276,7 @@ def _options_inputs() -> list:
     return [
         ClassifierType.Input("classifier", tooltip="The off-the-shelf classifier the experts were trained from "
                                                    "(Load Classifier); its pixel source turns latents into pixels."),
-        io.Combo.Input("experts", options=expert_files(), default=TOY_EXPERTS if TOY_EXPERTS in expert_files()
-                       else NAIVE_CHOICE,
+        io.Combo.Input("experts", options=expert_files(), default=TOY_EXPERTS,
                        tooltip="Expert bundle from models/ppap/ (PPAP Train Experts), trained for this classifier "
                                "and this model's noise parametrisation; 'none' guides with the classifier itself "
                                "(the naive baseline)."),

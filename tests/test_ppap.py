@@ -207,7 +207,6 @@ def test_errors_name_the_node_and_input(toy, tiny_eps, experts_folder):
 
     model, empty, classifier = toy
     shipped = weights.WEIGHTS_DIR / TOY_EXPERTS
-    (experts_folder / TOY_EXPERTS).write_bytes(shipped.read_bytes())
     with pytest.raises(ValueError, match=r"PPAP Guidance 'target': 'mauve' is no class"):
         PPAPModelPatch.execute(model, classifier, TOY_EXPERTS, "mauve", 7.5)
     with pytest.raises(ValueError, match=r"PPAP Guidance 'target'.*'pink' is not a class of head 'colour'"):
