@@ -234,3 +234,19 @@ def test_errors_name_the_node_and_input(toy, tiny_eps, experts_folder):
     with pytest.raises(ValueError, match=r"PPAP Guidance 'experts': the schedule starts at sigma 1 but the experts "
                                          r"cover sigma 0 to 0.9"):
         sample_guider(guider, empty_latent(1), steps=2, scheduler="simple")
+
+
+def test_train_node_writes_a_loadable_bundle_with_a_progress_bar(toy, experts_folder, monkeypatch):
+    import comfy.utils
+
+    from guidance_kit.nodes.ppap import PPAPModelPatch, PPAPTrainExperts
+
+    model, empty, classifier = toy
+    ticks = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None:
+                        ticks.append((value, total)))
+    name = PPAPTrainExperts.execute(model, empty, empty, 1.0, classifier, empty_latent(4), 4, "euler", "simple", 2,
+                                    1, 2, 4, 1e-3, 2, 0, "tiny")[0]
+    assert name == "tiny.safetensors" and (experts_folder / name).is_file()
+    assert ticks[-1] == (1 + 2, 1 + 2)  # one sampling batch + 1 expert x 2 steps
+    PPAPModelPatch.execute(model, classifier, name, "shape: circle", 7.5)
