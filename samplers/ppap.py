@@ -22,8 +22,10 @@ are all covered: the model's forward process is ``x = α(σ)·x0 + σ_t(σ)·n``
 caller's ``read_pixels(x, sigma)`` (images in [-1, 1] e.g. ComfyUI's ``calculate_input`` and the classifier's pixel
 reader), the same map in training and in guidance.
 """
+import copy
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,7 @@ from torch import nn
 
 from .bundles import BundleError, check_shapes, load_bundle, save_bundle
 from .lora import add_lora, with_parameters
+from .training import TrainSettings, step_generator, train
 
 TEACHER_TEMPERATURE = 0.25
 DEFAULT_EXPERTS = 5
@@ -165,12 +168,6 @@ class ExpertClassifier:
         return gradient.detach(), log_prob.detach().exp(), experts
 
 
-def normal_tensors(parameters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors, with any created under ``torch.inference_mode`` cloned so autograd may save them."""
-    with torch.inference_mode(False):
-        return {name: value.clone() if value.is_inference() else value for name, value in parameters.items()}
-
-
 def guided_denoised(denoised: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, alpha: torch.Tensor,
                     noise_std: torch.Tensor, classifier: ExpertClassifier, read_pixels, head: str, target: int,
                     scale: float):
@@ -222,10 +219,6 @@ def train_experts(network: nn.Module, prepare, pool: torch.Tensor, teacher: dict
     so one process and N processes (``context``) see the same batches; expert k resumes from
     ``<work_dir>/expert<k>of<N>.ckpt.safetensors``.  ``on_step(expert, step, steps, loss)``.
     Returns (per-expert trainable tensors, per-expert final loss)."""
-    from pathlib import Path
-
-    from .training import TrainSettings, step_generator, train
-
     train_settings = TrainSettings(steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr,
                                    weight_decay=settings.weight_decay, seed=settings.seed)
     ranges = timestep_ranges(len(schedule_sigmas), settings.experts)
@@ -262,8 +255,6 @@ DEFAULT_EXCLUDE = ("heads",)
 def student_network(classifier, rank: int, alpha: float, exclude=DEFAULT_EXCLUDE, seed: int = 0) -> nn.Module:
     """A copy of ``classifier.network`` with LoRA on its Conv2d/Linear layers (except ``exclude``: the output
     heads, as the paper leaves the ResNet's fc alone), adapters, norms and adapted biases trainable."""
-    import copy
-
     with torch.inference_mode(False):
         network = copy.deepcopy(classifier.network)
         add_lora(network, rank, alpha, tuple(exclude), seed)
