@@ -137,10 +137,58 @@ def paired(a, b):
     return round(mean, 4), round(math.sqrt(var / n), 4)
 
 
+def range_agreement(world, classifier, students: dict, experts: int = 5, images: int = 128) -> dict:
+    """Per noise range of the N-expert split: each student's distillation KL to the teacher and top-1 agreement
+    with it (colour, shape) on held-out unconditional samples (seed 50000, not in any training pool), 4 noise
+    draws per sample and range; the student used for a range is the one guidance would pick there."""
+    import torch
+
+    from guidance_kit.nodes import ppap as adapter
+    from guidance_kit.nodes.toyworld import ToyWorldEmptyLatent
+    from guidance_kit.samplers import ppap
+
+    model = world.model
+    x0 = torch.cat([adapter._pool_chunk(model, (world.encode(""), world.encode("")), ToyWorldEmptyLatent.execute(64)[0],
+                                        seed=50000 + k, steps=20, cfg=1.0, sampler_name="euler", scheduler="simple")
+                    for k in range(images // 64)])
+    read, coefficients = adapter.noisy_pixels(model, classifier, "bench"), adapter.forward_coefficients(model)
+    schedule = adapter.schedule_sigmas(model, "bench")
+    with torch.no_grad():
+        teacher = classifier.logits(read(x0, torch.zeros(len(x0))))
+    generator = torch.Generator().manual_seed(7)
+    out = {}
+    for index, timestep_range in enumerate(ppap.timestep_ranges(len(schedule), experts)):
+        sigmas = ppap.sample_training_sigmas(schedule, timestep_range, 4 * len(x0), generator)
+        alpha, noise_std = coefficients(sigmas)
+        noisy = ppap.forward_process(alpha, noise_std, x0.repeat(4, 1, 1, 1), torch.randn((4 * len(x0), *x0.shape[1:]),
+                                                                                            generator=generator))
+        pixels = read(noisy, sigmas)
+        targets = {head: logits.repeat(4, 1) for head, logits in teacher.items()}
+        for label, student in students.items():
+            chosen = ppap.choose_experts(sigmas, student.ranges)
+            with torch.no_grad():
+                logits = {head: torch.empty_like(t) for head, t in targets.items()}
+                for k in chosen.unique().tolist():
+                    rows = chosen == k
+                    for head, value in student.logits(pixels[rows], k).items():
+                        if head in logits:
+                            logits[head][rows] = value
+                kl = float(ppap.distillation_loss({h: logits[h] for h in ("colour", "shape")},
+                                                  {h: targets[h] for h in ("colour", "shape")}))
+            entry = out.setdefault(label, {"kl": [], "colour_agreement": [], "shape_agreement": []})
+            entry["kl"].append(round(kl, 3))
+            for head in ("colour", "shape"):
+                agreement = (logits[head].argmax(-1) == targets[head].argmax(-1)).float().mean()
+                entry[f"{head}_agreement"].append(round(float(agreement), 3))
+    return {"ranges": [list(r) for r in ppap.timestep_ranges(len(schedule), experts)], "by_student": out}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer seeds, no sweep")
     parser.add_argument("--work", default=str(runner.REPO / ".cache" / "ppap"))
+    parser.add_argument("--ranges", action="store_true", help="only the per-noise-range agreement with the teacher "
+                                                              "(naive, single, every trained expert bundle in --work)")
     args = parser.parse_args(argv)
     import torch
 
@@ -152,6 +200,13 @@ def main(argv=None):
 
     classifier = toy_classifier(weights.CLASSIFIER_WEIGHTS, "bench")
     work = Path(args.work)
+    if args.ranges:
+        bundles = {"single" if p.stem == "experts1" else p.stem: p for p in sorted(work.glob("*experts*.safetensors"))}
+        bundles["experts5"] = bundle_path(work, 5)
+        students = {"naive": ppap.naive_classifier(classifier),
+                    **{label: ppap.load_experts(path, classifier, "bench")[0] for label, path in bundles.items()}}
+        runner.emit(range_agreement(world, classifier, students))
+        return
     dev_seeds, validation_seeds = (2, 4) if args.quick else (3, 12)
     sweep = (5,) if args.quick else (2, 5, 10)
 
