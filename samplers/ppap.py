@@ -37,7 +37,6 @@ from .training import TrainSettings, step_generator, train
 
 TEACHER_TEMPERATURE = 0.25
 DEFAULT_EXPERTS = 5
-DEFAULT_SCALE = 7.5
 # Below this signal coefficient α the guided denoised prediction is capped (flow models at σ → 1).
 MIN_SIGNAL = 0.05
 
