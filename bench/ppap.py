@@ -41,25 +41,30 @@ def targets():
     return [("colour", name) for name in scenes.COLOURS] + [("shape", name) for name in scenes.SHAPES]
 
 
-def bundle_path(work: Path, experts: int) -> Path:
+def bundle_path(work: Path, experts: int, budget: int | None = None) -> Path:
     from guidance_kit.toyworld.weights import WEIGHTS_DIR
 
+    if budget:
+        return work / f"budget{budget}_experts{experts}.safetensors"
     shipped = WEIGHTS_DIR / "toy_ppap_experts.safetensors"
     return shipped if experts == 5 and shipped.exists() else work / f"experts{experts}.safetensors"
 
 
-def ensure_bundle(world, classifier, work: Path, experts: int) -> Path:
-    """The bundle of ``experts`` experts (trained into ``work`` when missing, same pool and budget)."""
+def ensure_bundle(world, classifier, work: Path, experts: int, budget: int | None = None) -> Path:
+    """The bundle of ``experts`` experts (trained into ``work`` when missing, same pool; ``TRAINING`` steps,
+    or ``budget`` steps in total)."""
     from guidance_kit.nodes import ppap as adapter
     from guidance_kit.nodes.toyworld import ToyWorldEmptyLatent
     from guidance_kit.samplers.ppap import ExpertTraining
 
-    path = bundle_path(work, experts)
+    path = bundle_path(work, experts, budget)
+    steps = budget // experts if budget else TRAINING[experts]
     if not path.exists():
         print(f"training {experts} experts into {path}", file=sys.stderr)
         adapter.train_bundle(world.model, classifier, [(world.encode(""), world.encode(""))],
                              ToyWorldEmptyLatent.execute(64)[0], path, images=1024,
-                             settings=ExpertTraining(experts=experts, steps=TRAINING[experts]), work_dir=work / "work")
+                             settings=ExpertTraining(experts=experts, steps=steps),
+                             work_dir=work / (f"work{budget}" if budget else "work"))
     return path
 
 
@@ -187,6 +192,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer seeds, no sweep")
     parser.add_argument("--work", default=str(runner.REPO / ".cache" / "ppap"))
+    parser.add_argument("--budget", type=int, help="design check: single vs 5 experts at this many training steps in "
+                                                   "total (bundles budget<N>_experts<n> in --work)")
     parser.add_argument("--ranges", action="store_true", help="only the per-noise-range agreement with the teacher "
                                                               "(naive, single, every trained expert bundle in --work)")
     args = parser.parse_args(argv)
@@ -215,11 +222,12 @@ def main(argv=None):
         if label == "naive":
             return ppap.naive_classifier(classifier), None
         count = 1 if label == "single" else int(label.removeprefix("experts"))
-        return ppap.load_experts(ensure_bundle(world, classifier, work, count), classifier, "bench")
-    labels = ["naive", "single", "experts5", *(f"experts{n}" for n in sweep if n != 5)]
+        return ppap.load_experts(ensure_bundle(world, classifier, work, count, args.budget), classifier, "bench")
+    labels = ["single", "experts5"] if args.budget else ["naive", "single", "experts5", *(f"experts{n}" for n in sweep
+                                                                                           if n != 5)]
 
     started = time.perf_counter()
-    figures = {"quick": args.quick, "dev_images": dev_seeds * len(targets()),
+    figures = {"quick": args.quick, "budget": args.budget, "dev_images": dev_seeds * len(targets()),
                "validation_images": validation_seeds * len(targets()), "scales": list(SCALES)}
     none_dev = evaluate(world, classifier, None, 0.0, dev_seeds, DEV_SEED)
     none = evaluate(world, classifier, None, 0.0, validation_seeds, VALIDATION_SEED)
@@ -245,6 +253,10 @@ def main(argv=None):
     for head in ("colour", "shape"):
         figures[f"none_{head}_acc"] = rate([h for h, k in zip(none["hits"], none["heads"]) if k == head])[0]
     figures.update(teacher_agreement(classifier, none["verdicts"]))
+    if args.budget:
+        figures["experts5_minus_single"] = paired(results["experts5"]["hits"], results["single"]["hits"])
+        runner.emit(figures)
+        return
     figures["experts_acc"], figures["experts_acc_se"] = figures["experts5_acc"], figures["experts5_acc_se"]
     figures["trainable_frac"] = figures["experts5_trainable_frac"]
     figures["train_seconds"] = figures["experts5_train_seconds"]
