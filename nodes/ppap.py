@@ -9,9 +9,9 @@ sampling toward a class with them (samplers/ppap.py has the math).
   (``nodes.classifier.pixel_reader``: the latent itself for pixel-space models, the latent format's RGB
   factors, or a VAE decode), in training and in guidance alike.  Bundles go to ``models/ppap/``.
 * Guidance (*PPAP Guider* / *PPAP Guidance* MODEL patch): a post-CFG step adding s·σ_t²/α·∇ log p(y|x) to the
-  denoised prediction with each sample's expert.
+  denoised prediction with each sample's expert.  Latent models: the gradient flows through the same pixel
+  reader (``latent_rgb`` is cheap; ``vae`` backpropagates through a full decode every evaluation).
 """
-import logging
 import math
 import os
 import time
@@ -36,7 +36,6 @@ from .guiders import guider_inputs
 from .patching import Technique, TwinSpec, check_number, guider_and_patch, install
 from .stats_wrappers import current_run, node_id_of
 
-logger = logging.getLogger(__name__)
 FOLDER = "ppap"
 folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
 POOL_FORMAT = "guidance_kit.ppap_pool/1"
