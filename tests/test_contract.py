@@ -7,6 +7,7 @@ PerpNegGuider and APG either work with it or raise an error naming both nodes.  
 world's DiT (it honours ComfyUI's ``patches_replace`` block patches like Flux's single blocks).
 """
 import copy
+import functools
 import itertools
 from dataclasses import dataclass
 from typing import Callable
@@ -138,6 +139,24 @@ def _patch(name):
 # the toy world's CLIP (reference prompts) and weak DiT given to another family's model
 GFCG_FAMILY = "'clip': the reference prompts"
 WEAK_FAMILY = "'weak_model': a ToyWorldModel .*cannot guide"
+@functools.cache
+def _toy_classifier():
+    from guidance_kit.samplers.classifier import toy_classifier
+    from guidance_kit.toyworld import weights
+
+    return toy_classifier(weights.CLASSIFIER_WEIGHTS, "contract")
+
+
+def _ppap(guider):
+    def build(world, model):
+        from guidance_kit.nodes.ppap import TOY_EXPERTS, PPAPGuider, PPAPModelPatch
+
+        options = (_toy_classifier(), TOY_EXPERTS, "colour: red", 30.0)
+        if guider:
+            return PPAPGuider.execute(model, world.positive, world.negative, CFG, *options)[0]
+        return PPAPModelPatch.execute(model, *options)[0]
+    return build
+
 
 TABLE = [
     Row("Reference CFG Guider", _guider("reference"), guider=True, uses_slot=False),
@@ -157,6 +176,8 @@ TABLE = [
         other_family_error=WEAK_FAMILY),
     Row("Autoguidance", _reference_guidance("atg", False), guider=False, splits=False,
         other_family_error=WEAK_FAMILY),
+    Row("PPAP Guider", _ppap(guider=True), guider=True, uses_slot=False),
+    Row("PPAP Guidance", _ppap(guider=False), guider=False, uses_slot=False),
 ]
 PATCHES = [row for row in TABLE if not row.guider]
 ids = [row.node for row in TABLE]
@@ -274,6 +295,9 @@ def test_over_comfyui_patches(world, row, comfy_patch):
 def test_comfyui_patches_on_top(world, row):
     assert_image(sample(cfg_guider(_apg(row.build(world, world.model)), row.positive(world), world.negative, CFG)))
     slg_on_top = cfg_guider(_slg(row.build(world, world.model)), row.positive(world), world.negative, CFG)
+    if not row.uses_slot:  # a post-CFG technique: SLG's own calc-cond-batch function bypasses nothing of it
+        assert_image(sample(slg_on_top))
+        return
     message = rf"{row.node}: 'SkipLayerGuidanceDiTSimple' replaced .* apply {row.node} last"
     with pytest.raises(RuntimeError, match=message):
         sample(slg_on_top)

@@ -91,3 +91,15 @@ def test_prompt_sets_are_fixed_disjoint_and_cover_every_kind():
         kinds = [spec["kind"] for _, spec in prompt_set]
         assert {k: kinds.count(k) for k in scenes.KINDS} == scenes.PROMPT_SET_SIZES
         assert all(scenes.parse_prompt(prompt) == spec for prompt, spec in prompt_set)
+
+
+def test_main_object_names_the_largest_objects_colour_and_shape():
+    rng = np.random.default_rng(3)
+    for colour, shape in [("red", "circle"), ("cyan", "triangle"), ("purple", "square")]:
+        spec = {"kind": "single", "objects": [{"colour": colour, "shape": shape, "size": "large", "position": "left"}]}
+        assert oracle.main_object(scenes.render(spec, rng)) == (colour, shape)
+    relation = {"kind": "relation", "objects": [{"colour": "blue", "shape": "square"},
+                                                {"colour": "green", "shape": "circle"}], "relation": "left of"}
+    image = scenes.render(relation, rng)
+    assert oracle.main_object(image)[0] in ("blue", "green")
+    assert oracle.main_object(np.zeros((32, 32, 3), np.uint8) + 14) == (None, None)

@@ -212,3 +212,14 @@ def judge(image, spec):
 def judge_batch(images, specs):
     """``judge`` over a batch (BxHxWx3 array/tensor, or a list) and matching specs."""
     return [judge(image, spec) for image, spec in zip(images, specs)]
+
+
+def main_object(image):
+    """(colour, shape) of the largest object of one image (uint8 or float in [0, 1]), ``(None, None)`` if none:
+    the object the ``colour`` fact of a single-object verdict refers to (shape None when unclassifiable)."""
+    analysis = _Analysis(to_uint8(image))
+    found = [(blobs[0].pixels, colour) for colour in scenes.COLOURS if (blobs := analysis.blobs(colour))]
+    if not found:
+        return None, None
+    colour = max(found)[1]
+    return colour, analysis.blobs(colour)[0].shape
