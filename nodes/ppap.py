@@ -212,7 +212,7 @@ class PPAPGuidance(Technique):
     Works with CFG on or off (at cfg 1 the unconditional generation is steered by the classifier alone)."""
 
     name = "PPAP"
-    node = "PPAP Guidance"
+    node = "PPAP"
 
     def __init__(self, model, classifier, experts: ppap.ExpertClassifier, head: str, target: int, scale: float):
         self.experts, self.head, self.target, self.scale = experts, head, target, scale

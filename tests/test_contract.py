@@ -158,6 +158,8 @@ def _ppap(guider):
     return build
 
 
+PPAP_FAMILY = "'experts': .* was trained on a .* model; this model samples as"
+
 TABLE = [
     Row("Reference CFG Guider", _guider("reference"), guider=True, uses_slot=False),
     Row("Adaptive Guidance Guider", _guider("ag"), guider=True),
@@ -176,8 +178,8 @@ TABLE = [
         other_family_error=WEAK_FAMILY),
     Row("Autoguidance", _reference_guidance("atg", False), guider=False, splits=False,
         other_family_error=WEAK_FAMILY),
-    Row("PPAP Guider", _ppap(guider=True), guider=True, uses_slot=False),
-    Row("PPAP Guidance", _ppap(guider=False), guider=False, uses_slot=False),
+    Row("PPAP Guider", _ppap(guider=True), guider=True, uses_slot=False, other_family_error=PPAP_FAMILY),
+    Row("PPAP Guidance", _ppap(guider=False), guider=False, uses_slot=False, other_family_error=PPAP_FAMILY),
 ]
 PATCHES = [row for row in TABLE if not row.guider]
 ids = [row.node for row in TABLE]
