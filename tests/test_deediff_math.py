@@ -1,7 +1,6 @@
 """DeeDiff's pure parts: the uncertainty heads, the losses, and the exit engine on a real ToyDiT (random weights)."""
 import pytest
 import torch
-
 from guidance_kit.samplers import deediff
 from guidance_kit.toyworld.model import ToyDiT
 
@@ -94,7 +93,8 @@ def test_uncertainty_loss_trains_heads_to_the_exit_error():
         optimiser.step()
     with torch.no_grad():
         certainty = deediff.confidence(heads(0, tokens, vec))
-    assert float(certainty[vec[:, 0] <= 0].mean()) > 0.8 > 0.65 > float(certainty[vec[:, 0] > 0].mean())
+    certain, uncertain = float(certainty[vec[:, 0] <= 0].mean()), float(certainty[vec[:, 0] > 0].mean())
+    assert certain > 0.8 and uncertain < 0.65
 
 
 def test_layerwise_loss_weights_exits_by_their_certainty():
@@ -137,7 +137,7 @@ def test_exits_chain_another_block_patch():
         out = extra["original_block"](args)
         return {"img": out["img"] * 1.01}
 
-    out, exits = exit_forward(network, heads_for(network), 0.55, x, timesteps, context, previous=other)
+    _, exits = exit_forward(network, heads_for(network), 0.55, x, timesteps, context, previous=other)
     assert seen == [int((exits.blocks_run > i).sum()) for i in range(4)] and seen[0] == 6 > seen[-1]
 
 
