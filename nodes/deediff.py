@@ -24,7 +24,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from einops import rearrange
@@ -263,7 +263,6 @@ def record_model_inputs(model, positives: list, negative, latent: dict, *, seed:
 
 
 def _stack_calls(calls) -> Recording:
-    rows = sum(x.shape[0] for x, _, _ in calls)
     conds, constants = {}, {}
     for name, value in calls[0][2].items():
         if isinstance(value, torch.Tensor) and all(isinstance(c[2][name], torch.Tensor) and
@@ -275,9 +274,7 @@ def _stack_calls(calls) -> Recording:
             conds[name] = torch.cat([c[2][name] for c in calls])
         else:
             constants[name] = value
-    recording = Recording(torch.cat([c[0] for c in calls]), torch.cat([c[1] for c in calls]), conds, constants)
-    assert len(recording) == rows
-    return recording
+    return Recording(torch.cat([c[0] for c in calls]), torch.cat([c[1] for c in calls]), conds, constants)
 
 
 def block_outputs(model, arch: Architecture, x, sigma, inputs: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -299,42 +296,68 @@ def block_outputs(model, arch: Architecture, x, sigma, inputs: dict) -> tuple[li
     return captured, vec[0]
 
 
-def heads_loss(model, arch: Architecture, heads: deediff.UncertaintyHeads, recording: Recording,
-               settings: training.TrainSettings):
-    """``loss_fn(step, rows)`` for ``training.train``: the uncertainty loss (Eq. 6) of rows ``rows`` of step
-    ``step``'s global batch (drawn from ``step_generator(seed, step)`` over the recorded rows)."""
-    def loss_fn(step: int, rows: slice) -> torch.Tensor:
-        index = torch.randint(len(recording), (settings.batch_size,), generator=training.step_generator(
-            settings.seed, step))[rows]
-        hidden, vec = block_outputs(model, arch, *recording.rows(index))
+@dataclass
+class ExitFeatures:
+    """What the heads train on, per recorded row: every exit's image tokens [R, E, N, W] (float16), the
+    modulation vector [R, D], and every exit's pseudo uncertainty û_i against the model's final output
+    (Eq. 5) [R, E, N, O] (float16).  The model is frozen, so these are computed once."""
+
+    tokens: torch.Tensor
+    vec: torch.Tensor
+    pseudo: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+
+def exit_features(model, arch: Architecture, recording: Recording, rows: int, *, chunk: int = 32,
+                  on_chunk=None) -> ExitFeatures:
+    """ExitFeatures of ``rows`` recorded rows evenly spaced over the recording (all of them when fewer)."""
+    comfy.model_management.load_models_gpu([model])
+    index = torch.linspace(0, len(recording) - 1, min(rows, len(recording))).round().long().unique()
+    tokens, vecs, pseudo = [], [], []
+    for part in index.split(chunk):
+        hidden, vec = block_outputs(model, arch, *recording.rows(part))
         with torch.no_grad():
             predictions = [arch.output_tokens(h, vec).float() for h in hidden]
+        tokens.append(torch.stack(hidden[:-1], dim=1).half().cpu())
+        vecs.append(vec.float().cpu())
+        pseudo.append(torch.stack([deediff.pseudo_uncertainty(p, predictions[-1]) for p in predictions[:-1]],
+                                  dim=1).half().cpu())
+        if on_chunk is not None:
+            on_chunk(part.numel())
+    return ExitFeatures(torch.cat(tokens), torch.cat(vecs), torch.cat(pseudo))
+
+
+def heads_loss(heads: deediff.UncertaintyHeads, features: ExitFeatures, settings: training.TrainSettings):
+    """``loss_fn(step, rows)`` for ``training.train``: the uncertainty loss (Eq. 6) over rows ``rows`` of step
+    ``step``'s global batch, drawn from ``step_generator(seed, step)`` over the feature rows."""
+    def loss_fn(step: int, rows: slice) -> torch.Tensor:
+        index = torch.randint(len(features), (settings.batch_size,), generator=training.step_generator(
+            settings.seed, step))[rows]
         device = next(heads.parameters()).device
-        uncertainties = [heads(i, hidden[i].to(device), vec.to(device)) for i in range(heads.exits)]
-        return deediff.uncertainty_loss(uncertainties, [p.to(device) for p in predictions[:-1]],
-                                        predictions[-1].to(device))
+        tokens, vec = features.tokens[index].to(device), features.vec[index].to(device)
+        uncertainties = [heads(i, tokens[:, i], vec) for i in range(heads.exits)]
+        return deediff.uncertainty_loss(uncertainties, features.pseudo[index].to(device).unbind(dim=1))
     return loss_fn
 
 
-def train_heads(model, recording: Recording, settings: training.TrainSettings, *, hidden: int = 0,
+def train_heads(model, features: ExitFeatures, settings: training.TrainSettings, path, *, hidden: int = 0,
                 data: dict | None = None, checkpoint=None, context: training.DistributedContext | None = None,
                 on_step=None, where: str = TRAIN_NODE) -> tuple[TrainedHeads, training.TrainResult]:
-    """Train uncertainty heads for ``model`` on ``recording`` with the shared training core."""
+    """Train uncertainty heads for ``model`` on ``features`` with the shared training core; the main process
+    saves them to ``path`` (with the model's identity, the block count and the training settings)."""
     arch = architecture(model, where)
-    comfy.model_management.load_models_gpu([model])
     context = context or training.DistributedContext.from_environment(model.load_device)
     torch.manual_seed(settings.seed)
     heads = deediff.UncertaintyHeads(arch.blocks, arch.width, arch.vec_dim, arch.out_dim, hidden).to(context.device)
     identity = {**arch.shape(), "hidden": hidden, "fingerprint": model_fingerprint(model, arch), "data": data or {}}
-    result = training.train({"heads": heads}, heads_loss(model, arch, heads, recording, settings), settings, context,
+    result = training.train({"heads": heads}, heads_loss(heads, features, settings), settings, context,
                             identity=identity, checkpoint=checkpoint, checkpoint_every=max(1, settings.steps // 10),
                             on_step=on_step)
+    if context.is_main:
+        training.save_trained(path, {"heads": heads}, deediff.FORMAT, identity, settings, result)
     return TrainedHeads(heads.eval().requires_grad_(False), identity, {"steps": result.step}), result
-
-
-def save_heads(path, trained: TrainedHeads, settings: training.TrainSettings, result: training.TrainResult) -> Path:
-    return training.save_trained(path, {"heads": trained.heads.requires_grad_(True)}, deediff.FORMAT,
-                                 trained.identity, settings, result)
 
 
 def heads_files() -> list[str]:
@@ -342,7 +365,7 @@ def heads_files() -> list[str]:
             if not name.replace("\\", "/").startswith(CHECKPOINT_SUBFOLDER + "/")]
 
 
-def _encode(clip, text):
+def encode(clip, text):
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 
@@ -375,7 +398,10 @@ class DeeDiffTrain(io.ComfyNode):
                 io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01,
                                tooltip="1: runs start from noise. Below 1 they start from the latent's images."),
                 io.Int.Input("train_steps", default=1000, min=1, max=1000000, tooltip="Optimiser steps."),
-                io.Int.Input("batch_size", default=64, min=1, max=4096, tooltip="Recorded rows per step."),
+                io.Int.Input("training_rows", default=2048, min=1, max=1000000,
+                             tooltip="Recorded model rows (evenly spaced over the runs) whose block outputs are kept "
+                                     "for training (about 160 KB each on the toy model)."),
+                io.Int.Input("batch_size", default=64, min=1, max=4096, tooltip="Rows per optimiser step."),
                 io.Float.Input("learning_rate", default=3e-3, min=1e-6, max=1.0, step=1e-4, round=1e-6),
                 io.Int.Input("head_hidden", default=0, min=0, max=4096,
                              tooltip="0: the paper's linear head. Otherwise a hidden layer of this width."),
@@ -388,31 +414,36 @@ class DeeDiffTrain(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, prompts, negative_prompt, latent, seed, sample_steps, cfg, sampler_name, scheduler,
-                denoise, train_steps, batch_size, learning_rate, head_hidden, filename) -> io.NodeOutput:
+                denoise, train_steps, training_rows, batch_size, learning_rate, head_hidden,
+                filename) -> io.NodeOutput:
         name = filename.strip().removesuffix(".safetensors")
         if not name or os.path.basename(name) != name or name.startswith("."):
             raise ValueError(f"{TRAIN_NODE}: 'filename' must be a plain file name, got {filename!r}")
         lines = [line.strip() for line in prompts.splitlines() if line.strip()]
         if not lines:
             raise ValueError(f"{TRAIN_NODE}: 'prompts' is empty; give at least one prompt (one per line)")
-        architecture(model, TRAIN_NODE)
+        arch = architecture(model, TRAIN_NODE)
         check_number(TRAIN_NODE, "cfg", cfg, 1.0, 100.0)
         check_number(TRAIN_NODE, "learning_rate", learning_rate, 0.0, 1.0, low_open=True)
         check_number(TRAIN_NODE, "denoise", denoise, 0.0, 1.0, low_open=True)
         settings = training.TrainSettings(steps=train_steps, batch_size=batch_size, lr=learning_rate, seed=seed)
-        progress = comfy.utils.ProgressBar(len(lines) * sample_steps + train_steps, node_id=node_id_of(cls))
-        data = {"prompts": len(lines), "images": len(lines) * int(latent["samples"].shape[0]), "sampler": sampler_name,
+        recorded_rows = min(training_rows, len(lines) * sample_steps * 2 * int(latent["samples"].shape[0]))
+        before_training = len(lines) * sample_steps + recorded_rows
+        progress = comfy.utils.ProgressBar(before_training + train_steps, node_id=node_id_of(cls))
+        data = {"prompts": len(lines), "images": len(lines) * int(latent["samples"].shape[0]), "rows": training_rows,
+                "sampler": sampler_name,
                 "scheduler": scheduler, "sample_steps": sample_steps, "cfg": cfg, "denoise": denoise,
                 "negative_prompt": negative_prompt}
-        recording = record_model_inputs(model, [_encode(clip, line) for line in lines], _encode(clip, negative_prompt),
+        recording = record_model_inputs(model, [encode(clip, line) for line in lines], encode(clip, negative_prompt),
                                         latent, seed=seed, steps=sample_steps, cfg=cfg, sampler_name=sampler_name,
                                         scheduler=scheduler, denoise=denoise, on_step=lambda: progress.update(1))
+        features = exit_features(model, arch, recording, training_rows, on_chunk=progress.update)
         folder = folder_paths.get_folder_paths(FOLDER)[0]
         checkpoint = os.path.join(folder, CHECKPOINT_SUBFOLDER, name + ".safetensors")
-        trained, result = train_heads(model, recording, settings, hidden=head_hidden, data=data, checkpoint=checkpoint,
-                                      on_step=lambda step, total, loss: progress.update_absolute(
-                                          len(lines) * sample_steps + step))
-        path = save_heads(os.path.join(folder, name + ".safetensors"), trained, settings, result)
+        path = os.path.join(folder, name + ".safetensors")
+        trained, result = train_heads(model, features, settings, path, hidden=head_hidden, data=data,
+                                      checkpoint=checkpoint, on_step=lambda step, total, loss: progress.update_absolute(
+                                          before_training + step))
         Path(checkpoint).unlink(missing_ok=True)
         logger.info(f"DeeDiff: saved {path} ({result.step} steps, final loss {result.final_loss:.4g})")
         return io.NodeOutput(trained)

@@ -91,11 +91,9 @@ def pseudo_uncertainty(prediction: torch.Tensor, target: torch.Tensor) -> torch.
     return torch.tanh((prediction - target).abs()).detach()
 
 
-def uncertainty_loss(uncertainties: list[torch.Tensor], predictions: list[torch.Tensor],
-                     target: torch.Tensor) -> torch.Tensor:
-    """Eq. 6: L_u = mean over exits of mean((u_i − û_i)²)."""
-    terms = [(u - pseudo_uncertainty(p, target)).pow(2).mean() for u, p in zip(uncertainties, predictions)]
-    return torch.stack(terms).mean()
+def uncertainty_loss(uncertainties: list[torch.Tensor], pseudo: list[torch.Tensor]) -> torch.Tensor:
+    """Eq. 6: L_u = mean over exits of mean((u_i − û_i)²), with û_i from ``pseudo_uncertainty``."""
+    return torch.stack([(u - target.to(u.dtype)).pow(2).mean() for u, target in zip(uncertainties, pseudo)]).mean()
 
 
 def layerwise_loss(uncertainties: list[torch.Tensor], predictions: list[torch.Tensor],

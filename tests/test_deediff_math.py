@@ -87,7 +87,7 @@ def test_uncertainty_loss_trains_heads_to_the_exit_error():
     prediction = tokens[..., :3] * (vec[:, :1, None] > 0)  # error only where vec[0] > 0
     optimiser = torch.optim.Adam(heads.parameters(), lr=0.05)
     for _ in range(200):
-        loss = deediff.uncertainty_loss([heads(0, tokens, vec)], [prediction], target)
+        loss = deediff.uncertainty_loss([heads(0, tokens, vec)], [deediff.pseudo_uncertainty(prediction, target)])
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()

@@ -1,0 +1,175 @@
+"""DeeDiff early exit on the toy world: transformer block-rows saved vs the full model at the oracle's pass rate.
+
+Every configuration samples the same prompts with the same noise (``runner.run``: euler, scheduler "simple",
+``STEPS`` steps, ``SEEDS`` images per prompt, CFG scale ``CFG_SCALE``); "blocks" are the batch rows through each
+of the DiT's 8 blocks (``Result.blocks``), so plain CFG costs 2 rows x 8 blocks per image and step.
+
+* ``full``: plain CFG on the full model (the reference);
+* ``exit_<threshold>``: the DeeDiff Early Exit patch with the shipped toy heads
+  (``toyworld/deediff/toy_dit_heads.safetensors``) at a sweep of confidence thresholds;
+* ``cache_<threshold>``: the caching peer, ComfyUI core's EasyCache node (whole model calls skipped while the
+  accumulated relative change stays below the threshold; ``start_percent`` 0.15, ``end_percent`` 0.95, its
+  defaults) at a sweep of thresholds, compared at the blocks of the chosen DeeDiff threshold;
+* ``ag_exit_<threshold>``: Adaptive Guidance (γ̄ ``AG_THRESHOLD``) with DeeDiff stacked on it, against plain CFG.
+
+The DeeDiff threshold is chosen on dev (the most blocks saved with the pass rate within ``TARGET["tolerance"]`` of
+the full model's; the most saving threshold if none is), likewise AG + DeeDiff (``AG_TARGET``), and the cache
+threshold whose dev blocks are closest to the chosen DeeDiff's; validation figures are reported for those choices.
+Pass rates come with the paired difference to the full model (same prompts and noise) and its standard error.
+``exit_depth_by_step``: mean blocks run per model row at each step (validation, chosen threshold).
+``--quick``: validation only, half its prompts, the settings the full run chose (``DEFAULT_*``).
+
+Last line: JSON.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.append(str(Path(__file__).resolve().parent))
+
+import runner  # noqa: E402
+from adaptive_guidance import figures  # noqa: E402  (paired pass-rate difference to a reference)
+
+CFG_SCALE = 4.0
+STEPS = 20
+SEEDS = 4
+BLOCKS = 8
+THRESHOLDS = (0.8, 0.85, 0.9, 0.93, 0.96)
+CACHE_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.5)
+AG_THRESHOLD = 0.99
+AG_EXIT_THRESHOLDS = (0.85, 0.9, 0.93)
+TARGET = {"saving": 0.40, "tolerance": 0.02}
+AG_TARGET = {"saving": 0.55, "tolerance": 0.03}
+# What the full run chooses on dev; --quick runs only these.
+DEFAULT_THRESHOLD = 0.9
+DEFAULT_CACHE_THRESHOLD = 0.2
+DEFAULT_AG_EXIT_THRESHOLD = 0.9
+HEADS = Path(__file__).resolve().parent.parent / "toyworld" / "deediff" / "toy_dit_heads.safetensors"
+
+
+class DepthByStep:
+    """Collects the run records of the configuration's guiders (one per prompt) for exit depth per step."""
+
+    def __init__(self):
+        self.guiders = []
+
+    def keep(self, guider):
+        self.guiders.append(guider)
+        return guider
+
+    def mean_depth(self) -> list[float]:
+        from guidance_kit.nodes.stats_wrappers import stats_sink
+
+        totals = [[0, 0] for _ in range(STEPS)]
+        for guider in self.guiders:
+            run = stats_sink(guider.model_patcher).last
+            for index, evaluation in enumerate(run.evaluations):
+                depths = evaluation.signals.get("exit_depth", [])
+                totals[run.step_of(index) - 1][0] += sum(depths)
+                totals[run.step_of(index) - 1][1] += len(depths)
+        return [round(total / count, 3) if count else None for total, count in totals]
+
+
+def exit_config(heads, threshold: float, ag_threshold: float | None = None, depth: DepthByStep | None = None):
+    from guidance_kit.nodes.adaptive_guidance import patch_adaptive_guidance
+    from guidance_kit.nodes.deediff import patch_deediff
+    from guidance_kit.nodes.guiders import cfg_guider
+
+    def make(model, positive, negative):
+        if ag_threshold is not None:
+            model = patch_adaptive_guidance(model, ag_threshold, "auto", 0.0, 1.0)
+        guider = cfg_guider(patch_deediff(model, heads, threshold), positive, negative, CFG_SCALE)
+        return depth.keep(guider) if depth is not None else guider
+    return make
+
+
+def cache_config(threshold: float):
+    from comfy_extras.nodes_easycache import EasyCacheNode
+
+    from guidance_kit.nodes.guiders import cfg_guider
+
+    return lambda model, positive, negative: cfg_guider(EasyCacheNode.execute(model, threshold, 0.15, 0.95, False)[0],
+                                                        positive, negative, CFG_SCALE)
+
+
+def ag_config(threshold: float):
+    from guidance_kit.nodes.adaptive_guidance import patch_adaptive_guidance
+    from guidance_kit.nodes.guiders import cfg_guider
+
+    return lambda model, positive, negative: cfg_guider(patch_adaptive_guidance(model, threshold, "auto", 0.0, 1.0),
+                                                        positive, negative, CFG_SCALE)
+
+
+def block_figures(result, reference, prompts: int) -> dict:
+    """Pass rate with the paired difference to ``reference``, blocks, blocks saved and the wall-time ratio."""
+    out = figures(result, reference, prompts, SEEDS)
+    out.update(blocks_saved=round(1 - result.blocks / reference.blocks, 4),
+               seconds_ratio=round(result.seconds / reference.seconds, 4))
+    return out
+
+
+def sweep(world, prompts, configurations: dict, reference=None) -> tuple[dict, object]:
+    table = {}
+    for name, make_guider in configurations.items():
+        result = runner.run(world, name, make_guider, prompts, seeds=SEEDS, steps=STEPS)
+        reference = reference or result
+        table[name] = block_figures(result, reference, len(prompts))
+    return table, reference
+
+
+def choose(dev: dict, candidates: list[str], target: dict) -> str:
+    """The candidate saving the most blocks on dev with its pass rate within the tolerance of the reference's;
+    the most saving candidate if none is within it."""
+    within = [name for name in candidates if dev[name]["pass_delta"] >= -target["tolerance"]]
+    return max(within or candidates, key=lambda name: dev[name]["blocks_saved"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="validation only, half the prompts, default settings")
+    args = parser.parse_args()
+    world = runner.load_world()
+    from guidance_kit.nodes.deediff import LOAD_NODE, load_heads
+
+    heads = load_heads(HEADS, LOAD_NODE)
+    out = {"cfg_scale": CFG_SCALE, "steps": STEPS, "seeds": SEEDS, "blocks_per_row": BLOCKS,
+           "ag_threshold": AG_THRESHOLD}
+    if args.quick:
+        threshold, cache, ag_exit = DEFAULT_THRESHOLD, DEFAULT_CACHE_THRESHOLD, DEFAULT_AG_EXIT_THRESHOLD
+    else:
+        dev_prompts = runner.prompt_set("dev", False)
+        configurations = {"full": runner.cfg(CFG_SCALE)}
+        configurations |= {f"exit_{t}": exit_config(heads, t) for t in THRESHOLDS}
+        configurations |= {f"cache_{t}": cache_config(t) for t in CACHE_THRESHOLDS}
+        configurations |= {f"ag_exit_{t}": exit_config(heads, t, AG_THRESHOLD) for t in AG_EXIT_THRESHOLDS}
+        dev, _ = sweep(world, dev_prompts, configurations)
+        out["dev"] = dev
+        threshold = float(choose(dev, [f"exit_{t}" for t in THRESHOLDS], TARGET).removeprefix("exit_"))
+        ag_exit = float(choose(dev, [f"ag_exit_{t}" for t in AG_EXIT_THRESHOLDS], AG_TARGET).removeprefix("ag_exit_"))
+        cache = min(CACHE_THRESHOLDS, key=lambda t: abs(dev[f"cache_{t}"]["blocks"] - dev[f"exit_{threshold}"]["blocks"]))
+    depth = DepthByStep()
+    prompts = runner.prompt_set("validation", args.quick)
+    validation, _ = sweep(world, prompts, {
+        "full": runner.cfg(CFG_SCALE), "exit": exit_config(heads, threshold, depth=depth),
+        "cache": cache_config(cache), "ag": ag_config(AG_THRESHOLD), "ag_exit": exit_config(heads, ag_exit, AG_THRESHOLD)})
+    out["validation"] = validation
+    full, exit_, peer, ag_exit_figures = (validation[k] for k in ("full", "exit", "cache", "ag_exit"))
+    out.update(
+        exit_threshold=threshold, cache_threshold=cache, ag_exit_threshold=ag_exit,
+        full_blocks=full["blocks"], full_pass=full["pass"], full_seconds=full["seconds"],
+        exit_blocks=exit_["blocks"], exit_pass=exit_["pass"], exit_blocks_saved=exit_["blocks_saved"],
+        exit_pass_delta=exit_["pass_delta"], exit_pass_delta_se=exit_["pass_delta_se"],
+        exit_seconds_ratio=exit_["seconds_ratio"], exit_depth_by_step=depth.mean_depth(),
+        cache_blocks=peer["blocks"], cache_pass_at_matched=peer["pass"], cache_pass_delta=peer["pass_delta"],
+        cache_pass_delta_se=peer["pass_delta_se"], cache_seconds_ratio=peer["seconds_ratio"],
+        ag_blocks=validation["ag"]["blocks"], ag_pass=validation["ag"]["pass"],
+        ag_exit_blocks=ag_exit_figures["blocks"], ag_exit_pass=ag_exit_figures["pass"],
+        ag_exit_blocks_saved=ag_exit_figures["blocks_saved"], ag_exit_pass_delta=ag_exit_figures["pass_delta"],
+        ag_exit_pass_delta_se=ag_exit_figures["pass_delta_se"], ag_exit_seconds_ratio=ag_exit_figures["seconds_ratio"],
+        targets={"exit": TARGET, "ag_exit": AG_TARGET},
+    )
+    runner.emit(out)
+
+
+if __name__ == "__main__":
+    main()
