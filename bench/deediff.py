@@ -17,7 +17,7 @@ the full model's; the most saving threshold if none is), likewise AG + DeeDiff (
 threshold whose dev blocks are closest to the chosen DeeDiff's; validation figures are reported for those choices.
 Pass rates come with the paired difference to the full model (same prompts and noise) and its standard error.
 ``exit_depth_by_step``: mean blocks run per model row at each step (validation, chosen threshold).
-``--quick``: validation only, half its prompts, the settings the full run chose (``DEFAULT_*``).
+``--quick``: every other prompt of both sets and the shorter sweeps ``QUICK_*`` (choices still made on dev).
 
 Last line: JSON.
 """
@@ -40,10 +40,9 @@ AG_THRESHOLD = 0.99
 AG_EXIT_THRESHOLDS = (0.85, 0.9, 0.93)
 TARGET = {"saving": 0.40, "tolerance": 0.02}
 AG_TARGET = {"saving": 0.55, "tolerance": 0.03}
-# What the full run chooses on dev; --quick runs only these.
-DEFAULT_THRESHOLD = 0.9
-DEFAULT_CACHE_THRESHOLD = 0.2
-DEFAULT_AG_EXIT_THRESHOLD = 0.9
+QUICK_THRESHOLDS = (0.85, 0.9, 0.93)
+QUICK_CACHE_THRESHOLDS = (0.1, 0.2, 0.4)
+QUICK_AG_EXIT_THRESHOLDS = (0.9,)
 HEADS = Path(__file__).resolve().parent.parent / "toyworld" / "deediff" / "toy_dit_heads.safetensors"
 
 
@@ -126,7 +125,7 @@ def choose(dev: dict, candidates: list[str], target: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="validation only, half the prompts, default settings")
+    parser.add_argument("--quick", action="store_true", help="half the prompts, shorter sweeps")
     args = parser.parse_args()
     world = runner.load_world()
     from guidance_kit.nodes.deediff import LOAD_NODE, load_heads
@@ -134,19 +133,17 @@ def main() -> None:
     heads = load_heads(HEADS, LOAD_NODE)
     out = {"cfg_scale": CFG_SCALE, "steps": STEPS, "seeds": SEEDS, "blocks_per_row": BLOCKS,
            "ag_threshold": AG_THRESHOLD}
-    if args.quick:
-        threshold, cache, ag_exit = DEFAULT_THRESHOLD, DEFAULT_CACHE_THRESHOLD, DEFAULT_AG_EXIT_THRESHOLD
-    else:
-        dev_prompts = runner.prompt_set("dev", False)
-        configurations = {"full": runner.cfg(CFG_SCALE)}
-        configurations |= {f"exit_{t}": exit_config(heads, t) for t in THRESHOLDS}
-        configurations |= {f"cache_{t}": cache_config(t) for t in CACHE_THRESHOLDS}
-        configurations |= {f"ag_exit_{t}": exit_config(heads, t, AG_THRESHOLD) for t in AG_EXIT_THRESHOLDS}
-        dev, _ = sweep(world, dev_prompts, configurations)
-        out["dev"] = dev
-        threshold = float(choose(dev, [f"exit_{t}" for t in THRESHOLDS], TARGET).removeprefix("exit_"))
-        ag_exit = float(choose(dev, [f"ag_exit_{t}" for t in AG_EXIT_THRESHOLDS], AG_TARGET).removeprefix("ag_exit_"))
-        cache = min(CACHE_THRESHOLDS, key=lambda t: abs(dev[f"cache_{t}"]["blocks"] - dev[f"exit_{threshold}"]["blocks"]))
+    thresholds, caches, ag_exits = (QUICK_THRESHOLDS, QUICK_CACHE_THRESHOLDS, QUICK_AG_EXIT_THRESHOLDS) if args.quick \
+        else (THRESHOLDS, CACHE_THRESHOLDS, AG_EXIT_THRESHOLDS)
+    configurations = {"full": runner.cfg(CFG_SCALE)}
+    configurations |= {f"exit_{t}": exit_config(heads, t) for t in thresholds}
+    configurations |= {f"cache_{t}": cache_config(t) for t in caches}
+    configurations |= {f"ag_exit_{t}": exit_config(heads, t, AG_THRESHOLD) for t in ag_exits}
+    dev, _ = sweep(world, runner.prompt_set("dev", args.quick), configurations)
+    out["dev"] = dev
+    threshold = float(choose(dev, [f"exit_{t}" for t in thresholds], TARGET).removeprefix("exit_"))
+    ag_exit = float(choose(dev, [f"ag_exit_{t}" for t in ag_exits], AG_TARGET).removeprefix("ag_exit_"))
+    cache = min(caches, key=lambda t: abs(dev[f"cache_{t}"]["blocks"] - dev[f"exit_{threshold}"]["blocks"]))
     depth = DepthByStep()
     prompts = runner.prompt_set("validation", args.quick)
     validation, _ = sweep(world, prompts, {
