@@ -1,40 +1,19 @@
 """Composable Diffusion in ComfyUI: AND / NOT of weighted concepts (math in samplers/composable.py).
 
-The composition travels *inside* a CONDITIONING, so it goes through ordinary wiring (reroutes,
-Conditioning Combine, ControlNet Apply, area and mask nodes): each entry of a concept carries
-``guidance_kit_concept`` (an id shared by the entries of one concept) and
-``guidance_kit_concept_weight`` (its signed weight).  Entries without them form one more concept
-of weight 1, so plain conditioning is a one-concept composition (plain CFG).
-
-Guidance scale.  In ComfyUI's CFG the scale multiplies the guidance term; here it multiplies every
-concept's weight, as A1111's ``AND`` does::
+A composition travels inside a CONDITIONING: each entry of a concept carries ``guidance_kit_concept``
+(an id shared by the concept's entries) and ``guidance_kit_concept_weight`` (its signed weight);
+unmarked entries form one concept of weight 1, so plain conditioning is plain CFG.  The sampler's
+cfg multiplies every weight (A1111's ``AND``)::
 
     denoised = uncond + cfg * sum_i w_i * (cond_i - uncond)
 
-So weights are relative (paper defaults: every w_i = 1, cfg = 7.5; ``NOT`` = -1) and one concept of
-weight 1 is plain CFG at ``cfg``, bit for bit.  For the paper's absolute weights set cfg = 1.
-The KSampler path has the same meaning: KSampler's cfg is that scale (cfg 1 keeps the
-unconditional: the patch turns off ComfyUI's cfg = 1 shortcut).
-
-Evaluation.  A ``sampler_calc_cond_batch_function`` (installed on a clone; one installed before by
-another pack is called in its place, with the expanded list) turns ComfyUI's [positive, negative]
-into [concept_1, ..., concept_n, negative] and evaluates them through ONE ``calc_cond_batch``
-call: ComfyUI batches every concept row and the unconditional into one model call when its
-memory estimate allows, and falls back to separate calls for rows that cannot be concatenated
-(different token counts beyond its padding limit, different ControlNets).  Each concept is its own
-cond list, so its area, mask, timestep range, ControlNet and hooks apply to its rows only; where a
-concept does not apply (outside its area or mask, outside its timestep range) it predicts the
-unconditional (``samplers.composable.localise``).  The composed prediction is handed back as the
-(cond, uncond) pair of ComfyUI's CFG, so sampler_cfg_function, pre- and post-CFG patches still run.
-
-The guider is ComfyUI's CFGGuider over a clone carrying the same patch, so the guider and
-KSampler + patch are one code path.  Adaptive Guidance per concept (``threshold`` < 1): see
-samplers/composable.py; its per-run state is created by an OUTER_SAMPLE wrapper in the run's own
-model_options.  Concept rows are skipped for the batch once every sample of the batch has
-converged for that concept (ComfyUI evaluates a cond list on the whole latent batch, and
-per-sample conditioning such as inpainting latents or ControlNet hints is aligned to batch
-positions, so a sub-batch cannot be evaluated safely); each sample's output drops the concept's
-term as soon as *it* has converged, so results never depend on what else is in the batch.
+Installed through the technique contract: [positive, negative] becomes [concept_1 … concept_n,
+negative], evaluated by ``CondEvaluator.evaluate_lists`` (one batched ``calc_cond_batch`` call, or
+ComfyUI's own pairs through a chained function); each concept keeps its area, mask, timestep range
+and ControlNet, and predicts the unconditional where it does not apply.  The composed prediction is
+returned as CFG's (cond, uncond) pair, so cfg/pre-/post-CFG functions still run.  Per-concept
+Adaptive Guidance (``threshold`` < 1): a concept's rows are skipped once every sample has converged
+for it; each sample drops the concept's term as soon as it has converged.
 """
 import math
 import uuid
@@ -43,20 +22,18 @@ import torch
 
 import comfy.sampler_helpers
 import comfy.samplers
-from comfy.patcher_extension import WrappersMP
 from comfy_api.latest import io
 
 from ..samplers.composable import (ConvergenceTracker, check_weights, combine_step, concept_cosine, lead_concept,
                                    localise, plan_step)
 from ..samplers.prompt_syntax import PromptSyntaxError, parse_composable_prompt
-from .guiders import cfg_guider, model_input
-from .run_stats import attach_run_stats, current_run, node_id_of
+from .guiders import guider_inputs
+from .patching import Technique, TwinSpec, check_number, guider_and_patch, install
 
 CATEGORY = "Guidance Kit/composable"
 TECHNIQUE = "Composable"
 CONCEPT_KEY = "guidance_kit_concept"
 WEIGHT_KEY = "guidance_kit_concept_weight"
-STATE_KEY = "guidance_kit.composable"
 LOCAL_KEYS = ("area", "mask", "timestep_start", "timestep_end")
 
 
@@ -124,32 +101,33 @@ def coverage(entries: list[dict], x: torch.Tensor, timestep: torch.Tensor) -> to
     return total.clamp_(max=1.0)
 
 
-class ComposableCondBatch:
-    """``sampler_calc_cond_batch_function``: [positive, negative] -> the composed (cond, uncond) pair."""
+class Composable(Technique):
+    """[positive, negative] -> the composed (cond, uncond) pair; per-run state: the AG tracker."""
 
-    def __init__(self, previous=None):
-        self.previous = previous  # another pack's function, called in place of calc_cond_batch
+    name = TECHNIQUE
+    node = "Composable"
+    needs_uncond = False
 
-    def evaluate(self, args: dict, conds: list) -> list:
-        if self.previous is not None:
-            return self.previous({**args, "conds": conds})
-        return comfy.samplers.calc_cond_batch(args["model"], conds, args["input"], args["sigma"], args["model_options"])
+    def __init__(self, threshold: float):
+        self.threshold = threshold
 
-    def __call__(self, args: dict) -> list:
-        positive, negative = args["conds"]
+    def start_run(self, guider, sigmas, sampler):
+        return ConvergenceTracker(self.threshold)
+
+    def patch(self, patched, key):
+        patched.model_options["disable_cfg1_optimization"] = True
+
+    def evaluate(self, tracker: ConvergenceTracker, evaluator, run):
+        positive, negative = evaluator.cond, evaluator.uncond
         if positive is None:
-            return self.evaluate(args, [positive, negative])
-        x, sigma, model_options = args["input"], args["sigma"], args["model_options"]
+            return evaluator.passthrough()
+        x, sigma = evaluator.x, evaluator.args["sigma"]
         groups = check_composition(positive, negative, TECHNIQUE)
         weights = [weight for weight, _ in groups]
         entries = [[positive[i] for i in indices] for _, indices in groups]
         coverages = [coverage(concept, x, sigma) for concept in entries]
-        tracker = model_options.get("transformer_options", {}).get(STATE_KEY)
-        concepts, batch = len(groups), x.shape[0]
-        if tracker is not None:
-            guiding = tracker.guiding(float(sigma.flatten()[0]), concepts, batch)
-        else:
-            guiding = torch.ones(concepts, batch, dtype=torch.bool, device=x.device)
+        concepts, batch = len(groups), evaluator.batch
+        guiding = tracker.guiding(evaluator.sigma, concepts, batch)
         if negative is None:  # an upstream patch dropped the unconditional: continue on the lead concept
             guiding = torch.zeros_like(guiding)
         plan = plan_step(guiding, lead_concept(weights, [c is None for c in coverages]))
@@ -157,62 +135,40 @@ class ComposableCondBatch:
             raise ValueError(f"{TECHNIQUE}: the unconditional was skipped upstream, and no positive concept "
                              "can stand in for it")
         conds = [concept if needed else None for concept, needed in zip(entries, plan.concept_rows)]
-        out = self.evaluate(args, conds + [negative if plan.uncond_row else None])
-        uncond = out[concepts] if plan.uncond_row else None
-        predictions = [out[k] if needed else None for k, needed in enumerate(plan.concept_rows)]
-        cosines, converged = self.observe(tracker, sigma, plan, predictions, uncond, coverages)
+        out = evaluator.evaluate_lists(conds + [negative if plan.uncond_row else None])
+        uncond = out[concepts]
+        predictions = out[:concepts]
+        cosines, converged = self.observe(tracker, evaluator.sigma, plan, predictions, uncond, coverages)
         if uncond is not None:
             predictions = [None if p is None else localise(p, uncond, c) for p, c in zip(predictions, coverages)]
         guided, base = combine_step(plan, uncond, predictions, weights)
-        self.record(model_options, plan, weights, batch, cosines, converged)
+        if run is not None and run.current is not None:
+            run.current.baseline_rows = (len(weights) + 1) * batch
+            run.signal(weights=weights, concept_rows=[batch * int(needed) for needed in plan.concept_rows],
+                       uncond_rows=batch * int(plan.uncond_row), cosine=cosines)
+            for k in converged:
+                run.mark(f"concept {k + 1} converged")
         return [guided, base]
 
     @staticmethod
     def observe(tracker, sigma, plan, predictions, uncond, coverages) -> tuple[list, list[int]]:
         """AG per concept, measured where both rows exist: (per-concept lowest cosine over the batch,
         None where not measured; the concepts that have now converged for every sample)."""
-        if tracker is None or not tracker.enabled or uncond is None:
+        if not tracker.enabled or uncond is None:
             return [None] * len(predictions), []
         cosine = torch.full(plan.guiding.shape, math.nan)
         for k, prediction in enumerate(predictions):
             if prediction is not None and plan.guiding[k].any() and (coverages[k] is None or coverages[k].any()):
                 measured = concept_cosine(prediction, uncond, coverages[k]).cpu()
                 cosine[k] = torch.where(plan.guiding[k].cpu(), measured, cosine[k])
-        converged = tracker.observe(float(sigma.flatten()[0]), cosine, ~cosine.isnan())
+        converged = tracker.observe(sigma, cosine, ~cosine.isnan())
         return [None if row.isnan().all() else float(row[~row.isnan()].min()) for row in cosine], converged
 
-    @staticmethod
-    def record(model_options, plan, weights, batch, cosines, converged) -> None:
-        run = current_run(model_options)
-        if run is None or run.current is None:
-            return
-        run.current.baseline_rows = (len(weights) + 1) * batch
-        run.signal(weights=weights, concept_rows=[batch * int(needed) for needed in plan.concept_rows],
-                   uncond_rows=batch * int(plan.uncond_row), cosine=cosines)
-        for k in converged:
-            run.mark(f"concept {k + 1} converged")
 
-
-def _fresh_tracker(threshold: float):
-    def wrapper(executor, *args, **kwargs):
-        executor.class_obj.model_options.setdefault("transformer_options", {})[STATE_KEY] = ConvergenceTracker(threshold)
-        return executor(*args, **kwargs)
-    return wrapper
-
-
-def patch_model(model, threshold: float, node_id: str | None = None):
+def patch_model(model, node_id: str | None = None, *, threshold: float):
     """A clone of ``model`` that samples compositions (and counts its rows); ``model`` is untouched."""
-    patched = model.clone()
-    previous = patched.model_options.get("sampler_calc_cond_batch_function")
-    if isinstance(previous, ComposableCondBatch):  # patched twice: replace ours, keep what it chained
-        previous = previous.previous
-    patched.set_model_sampler_calc_cond_batch_function(ComposableCondBatch(previous))
-    patched.model_options["disable_cfg1_optimization"] = True
-    patched.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, STATE_KEY)
-    if threshold < 1.0:
-        patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, STATE_KEY, _fresh_tracker(threshold))
-    attach_run_stats(patched, TECHNIQUE, node_id)
-    return patched
+    check_number("Composable", "threshold", threshold, 0.0, 1.0, low_open=True)
+    return install(model, Composable(threshold), node_id)
 
 
 # ---------------------------------------------------------------- nodes
@@ -302,67 +258,33 @@ class ComposablePrompt(io.ComfyNode):
         return io.NodeOutput(composition)
 
 
-class ComposableGuider(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="GuidanceKitComposableGuider",
-            display_name="Composable Guider (Guidance Kit)",
-            category=CATEGORY,
-            description="Composable Diffusion: uncond + cfg * sum of weight_i * (concept_i - uncond), all concept "
-                        "rows and the unconditional in one batched model call. For SamplerCustomAdvanced.",
-            inputs=[
-                model_input(),
-                io.Conditioning.Input("composition", tooltip="Concepts from Composable Concept / Composable Prompt "
-                                      "(plain conditioning is one concept of weight 1)."),
-                io.Conditioning.Input("negative", tooltip="The unconditional every concept is measured against "
-                                      "(usually an empty prompt)."),
-                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Guidance scale, multiplied into every concept weight (weight 1 at cfg s "
-                                       "is plain CFG at s; cfg 1 uses the weights as absolute scales)."),
-                _threshold_input(),
-            ],
-            outputs=[io.Guider.Output()],
-            hidden=[io.Hidden.unique_id],
-        )
-
-    @classmethod
-    def execute(cls, model, composition, negative, cfg, threshold) -> io.NodeOutput:
-        where = "Composable Guider"
-        if not composition:
-            raise ValueError(f"{where}: 'composition' has no concepts")
-        if not 0.0 < threshold <= 1.0:
-            raise ValueError(f"{where}: 'threshold' must be in (0, 1], got {threshold}")
-        if any(CONCEPT_KEY in options for _, options in negative):
-            raise ValueError(f"{where}: 'negative' is a composition; wire plain conditioning (e.g. an empty "
-                             "prompt) as the unconditional")
-        check_composition(comfy.sampler_helpers.convert_cond(composition),
-                          comfy.sampler_helpers.convert_cond(negative), f"{where} 'composition'")
-        return io.NodeOutput(cfg_guider(patch_model(model, threshold, node_id_of(cls)), composition, negative, cfg))
+def _check_guider(composition, negative, threshold):
+    where = "Composable Guider"
+    if not composition:
+        raise ValueError(f"{where}: 'composition' has no concepts")
+    if any(CONCEPT_KEY in options for _, options in negative):
+        raise ValueError(f"{where}: 'negative' is a composition; wire plain conditioning (e.g. an empty "
+                         "prompt) as the unconditional")
+    check_composition(comfy.sampler_helpers.convert_cond(composition),
+                      comfy.sampler_helpers.convert_cond(negative), f"{where} 'composition'")
 
 
-class ComposableModelPatch(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="GuidanceKitComposableModelPatch",
-            display_name="Composable KSampler Patch (Guidance Kit)",
-            category=CATEGORY,
-            description="Lets a plain KSampler sample a composition wired as its positive: KSampler's cfg "
-                        "multiplies every concept weight (the same result as the Composable Guider).",
-            inputs=[
-                model_input(),
-                _threshold_input(),
-            ],
-            outputs=[io.Model.Output()],
-            hidden=[io.Hidden.unique_id],
-        )
-
-    @classmethod
-    def execute(cls, model, threshold) -> io.NodeOutput:
-        if not 0.0 < threshold <= 1.0:
-            raise ValueError(f"Composable KSampler Patch: 'threshold' must be in (0, 1], got {threshold}")
-        return io.NodeOutput(patch_model(model, threshold, node_id_of(cls)))
+ComposableGuider, ComposableModelPatch = guider_and_patch(TwinSpec(
+    name="Composable", category=CATEGORY, options=lambda: [_threshold_input()], patch=patch_model,
+    check_guider=_check_guider,
+    guider_id="GuidanceKitComposableGuider", guider_display="Composable Guider (Guidance Kit)",
+    guider_description="Composable Diffusion: uncond + cfg * sum of weight_i * (concept_i - uncond), all concept "
+                       "rows and the unconditional in one batched model call. For SamplerCustomAdvanced.",
+    guider_inputs=lambda: guider_inputs(
+        positive="composition", positive_tooltip="Concepts from Composable Concept / Composable Prompt (plain "
+                                                 "conditioning is one concept of weight 1).",
+        negative_tooltip="The unconditional every concept is measured against (usually an empty prompt).",
+        cfg_default=7.5, cfg_tooltip="Guidance scale, multiplied into every concept weight (weight 1 at cfg s is "
+                                     "plain CFG at s; cfg 1 uses the weights as absolute scales)."),
+    patch_id="GuidanceKitComposableModelPatch", patch_display="Composable KSampler Patch (Guidance Kit)",
+    patch_description="Lets a plain KSampler sample a composition wired as its positive: KSampler's cfg "
+                      "multiplies every concept weight (the same result as the Composable Guider).",
+))
 
 
 NODES = [ComposableConcept, ComposablePrompt, ComposableGuider, ComposableModelPatch]

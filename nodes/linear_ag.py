@@ -8,22 +8,17 @@ samplers/linear_ag.py.
   (class + a hash of four weight tensors; LoRA/weight patches are not part of it), model type,
   sampler, scheduler, steps, the exact sigma schedule, CFG scale, negative prompt (text and a
   fingerprint of its conditioning).
-* The apply forms share Adaptive Guidance's uncond-skipping patch (nodes/adaptive_guidance.py):
-  per run, the evaluations follow ``step_pattern`` (true CFG / regressed / conditional only).
+* The apply forms install through the technique contract (``patching.install``): per run, the
+  evaluations follow ``step_pattern`` (true CFG / regressed / conditional only).
 * Mismatches: a calibration from another model is an error when the node runs.  A different
   schedule (steps, scheduler, denoise, model sampling shift), sampler, latent channel count or
   negative prompt is only known when sampling starts: a warning is logged, the run's statistics
   get a mark, and that run uses true CFG throughout (never silently regressed garbage).
 """
-import hashlib
-import json
 import logging
 import os
-from dataclasses import dataclass, field
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 import comfy.sample
 import comfy.sampler_helpers
@@ -33,10 +28,12 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..samplers import linear_ag as lag
+from ..samplers.linear_ag import Calibration
 from ..toyworld.weights import CALIBRATIONS_DIR
-from .adaptive_guidance import CATEGORY, patch_uncond_skipping
+from .adaptive_guidance import CATEGORY
 from .guiders import cfg_guider, guider_inputs, model_input
-from .run_stats import node_id_of
+from .patching import Technique, TwinSpec, guider_and_patch, install, model_identity
+from .stats_wrappers import node_id_of
 
 logger = logging.getLogger(__name__)
 FOLDER = "linear_ag"
@@ -45,24 +42,11 @@ folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir,
 # LinearAG Calibrate writes.
 folder_paths.add_model_folder_path(FOLDER, str(CALIBRATIONS_DIR))
 folder_paths.folder_names_and_paths[FOLDER][1].add(".safetensors")
-FORMAT = "guidance_kit.linear_ag/1"
-TENSOR_KEYS = ("coefficients", "evaluation_sigmas", "schedule", "negative_fingerprint")
 FINGERPRINT_SIZE = 4096
 SIGMA_RTOL = 1e-4
 LinearAGCalibration = io.Custom("GUIDANCE_KIT_LINEAR_AG")
 CALIBRATED_MODEL_TOOLTIP = "The calibrated diffusion model (it is cloned, never modified)."
-
-
-def model_identity(model) -> str:
-    """Model class + SHA-256 of the first and last two weight tensors of the diffusion model."""
-    state = model.model.diffusion_model.state_dict()
-    names = sorted(state)
-    digest = hashlib.sha256(type(model.model).__name__.encode())
-    for name in names[:2] + names[-2:]:
-        tensor = state[name].detach().float().cpu().contiguous()
-        digest.update(f"{name}{tuple(tensor.shape)}".encode())
-        digest.update(tensor.flatten()[:65536].numpy().tobytes())
-    return f"{type(model.model).__name__}:{digest.hexdigest()[:16]}"
+NODE = "LinearAG"
 
 
 def negative_fingerprint(cond_list) -> torch.Tensor:
@@ -80,52 +64,6 @@ def fingerprints_match(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.numel() == 0:
         return True
     return float((a - b).abs().max()) <= 1e-2 * float(b.std().clamp_min(1e-6))
-
-
-@dataclass
-class Calibration:
-    coefficients: torch.Tensor          # [E, E, C, K]
-    evaluation_sigmas: torch.Tensor     # [E]
-    schedule: torch.Tensor              # [steps + 1]
-    negative_fingerprint: torch.Tensor  # [≤ 4096]
-    info: dict = field(default_factory=dict)
-
-    @property
-    def evaluations(self) -> int:
-        return self.coefficients.shape[0]
-
-    @property
-    def terms(self) -> tuple[str, ...]:
-        return tuple(self.info["terms"])
-
-    def save(self, path) -> None:
-        tensors = {key: getattr(self, key).float().contiguous() for key in TENSOR_KEYS}
-        save_file(tensors, str(path), metadata={"format": FORMAT, **{k: json.dumps(v) for k, v in self.info.items()}})
-
-    @classmethod
-    def load(cls, path) -> "Calibration":
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            if metadata.get("format") != FORMAT:
-                raise ValueError(f"LinearAG: {path} is not a LinearAG calibration (format {metadata.get('format')!r})")
-            if set(handle.keys()) != set(TENSOR_KEYS):
-                raise ValueError(f"LinearAG: {path} has tensors {sorted(handle.keys())}, expected {sorted(TENSOR_KEYS)}")
-            tensors = {key: handle.get_tensor(key) for key in TENSOR_KEYS}
-        info = {k: json.loads(v) for k, v in metadata.items() if k != "format"}
-        terms = lag.validate_terms(info.get("terms", ()))
-        c = tensors["coefficients"]
-        consistent = c.ndim == 4 and c.shape[0] == c.shape[1] and c.shape[3] == len(terms) \
-            and tensors["evaluation_sigmas"].shape == c.shape[:1] and tensors["schedule"].ndim == 1 \
-            and tensors["negative_fingerprint"].ndim == 1 and bool(torch.isfinite(c).all())
-        if not consistent:
-            raise ValueError(f"LinearAG: {path}: inconsistent shapes or non-finite coefficients "
-                             f"{ {k: tuple(v.shape) for k, v in tensors.items()} }")
-        return cls(**tensors, info=info)
-
-    def describe(self) -> str:
-        i = self.info
-        return (f"{i.get('model')} {i.get('sampler')}/{i.get('scheduler')} {i.get('steps')} steps, "
-                f"cfg {i.get('cfg')}, negative {i.get('negative_prompt')!r}")
 
 
 def full_cfg_trajectories(model, positives: list, negative, latent: dict, *, seed: int, steps: int, cfg: float,
@@ -222,50 +160,60 @@ class LinearAGRun:
                                 f"{float(calibration.evaluation_sigmas[j]):.5g}")
 
 
-def linear_ag_step(state: LinearAGRun, evaluator, run):
-    """One evaluation: true CFG, regressed unconditional, or conditional only, per the pattern."""
-    state.check(evaluator)
-    j = state.evaluation
-    state.evaluation += 1
-    if state.problem is not None:
-        if not state.reported:
-            state.reported = True
-            message = f"LinearAG: {state.problem}; sampling with true CFG (recalibrate for this setting)"
-            logger.warning(message)
-            if run is not None:
-                run.mark(message)
-        return evaluator(True, True, None)
-    kind = state.pattern[j]
-    current = {"x": evaluator.x}
-    if kind == lag.TRUE:
-        current["cond"], uncond = evaluator(True, True, None)
-        state.anchor = {"index": j, "uncond": uncond, **current}
-    else:
-        current["cond"], _ = evaluator(True, False, None)
-        if run is not None and kind not in state.pattern[:j]:
-            run.mark(f"LinearAG: first {'regressed unconditional' if kind == lag.REGRESSED else 'conditional only'} step")
-        if kind == lag.CONDITIONAL:
-            uncond = current["cond"]
+class LinearAG(Technique):
+    name = "LinearAG"
+    node = NODE
+
+    def __init__(self, calibration: Calibration, true_every: int, guided_until: float):
+        self.calibration, self.true_every, self.guided_until = calibration, true_every, guided_until
+
+    def start_run(self, guider, sigmas, sampler):
+        pattern = lag.step_pattern(self.calibration.evaluations, self.true_every, self.guided_until)
+        return LinearAGRun(self.calibration, pattern, sigmas, sampler)
+
+    def evaluate(self, state: LinearAGRun, evaluator, run):
+        """True CFG, regressed unconditional, or conditional only, per the pattern."""
+        state.check(evaluator)
+        j = state.evaluation
+        state.evaluation += 1
+        if state.problem is not None:
+            if not state.reported:
+                state.reported = True
+                message = f"LinearAG: {state.problem}; sampling with true CFG (recalibrate for this setting)"
+                logger.warning(message)
+                if run is not None:
+                    run.mark(message)
+            return list(evaluator(True, True))
+        kind = state.pattern[j]
+        current = {"x": evaluator.x}
+        if kind == lag.TRUE:
+            current["cond"], uncond = evaluator(True, True)
+            state.anchor = {"index": j, "uncond": uncond, **current}
         else:
-            values = lag.term_tensors(state.calibration.terms, current, state.anchor, state.previous)
-            uncond = lag.predict_uncond(state.calibration.coefficients[state.anchor["index"], j], values)
-    state.previous = current
-    return current["cond"], uncond
+            current["cond"], _ = evaluator(True, False)
+            if run is not None and kind not in state.pattern[:j]:
+                first = "regressed unconditional" if kind == lag.REGRESSED else "conditional only"
+                run.mark(f"LinearAG: first {first} step")
+            if kind == lag.CONDITIONAL:
+                uncond = current["cond"]
+            else:
+                values = lag.term_tensors(state.calibration.terms, current, state.anchor, state.previous)
+                uncond = lag.predict_uncond(state.calibration.coefficients[state.anchor["index"], j], values)
+        state.previous = current
+        return [current["cond"], uncond]
 
 
-def patch_linear_ag(model, calibration: Calibration, true_every: int, guided_until: float, node_id=None):
+def patch_linear_ag(model, node_id=None, *, linear_ag: Calibration, true_every: int, guided_until: float):
     """Clone ``model`` with LinearAG installed; raises if the calibration is for another model."""
-    lag.step_pattern(calibration.evaluations, true_every, guided_until)  # validates the options
+    try:
+        lag.step_pattern(linear_ag.evaluations, true_every, guided_until)
+    except ValueError as error:
+        raise ValueError(f"{NODE}: {error}") from None
     identity = model_identity(model)
-    if identity != calibration.info.get("model"):
-        raise ValueError(f"LinearAG: the calibration was fitted on model {calibration.info.get('model')}, "
+    if identity != linear_ag.info.get("model"):
+        raise ValueError(f"{NODE}: the calibration was fitted on model {linear_ag.info.get('model')}, "
                          f"this MODEL is {identity}; calibrate this model (LinearAG Calibrate) first")
-
-    def start_run(guider, sigmas, sampler):
-        pattern = lag.step_pattern(calibration.evaluations, true_every, guided_until)
-        return LinearAGRun(calibration, pattern, sigmas, sampler)
-
-    return patch_uncond_skipping(model, "LinearAG", node_id, start_run, linear_ag_step)
+    return install(model, LinearAG(linear_ag, true_every, guided_until), node_id)
 
 
 def calibration_files() -> list[str]:
@@ -357,55 +305,27 @@ class LinearAGLoad(io.ComfyNode):
 
     @classmethod
     def execute(cls, calibration) -> io.NodeOutput:
-        return io.NodeOutput(Calibration.load(folder_paths.get_full_path_or_raise(FOLDER, calibration)))
+        return io.NodeOutput(Calibration.load(folder_paths.get_full_path_or_raise(FOLDER, calibration),
+                                              "LinearAG Load 'calibration'"))
 
 
-class LinearAGGuider(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="GuidanceKitLinearAGGuider",
-            display_name="LinearAG Guider (Guidance Kit)",
-            category=CATEGORY,
-            description="CFG whose unconditional is predicted by a calibrated linear regression on most steps "
-                        "(LinearAG, arXiv 2312.12487). For SamplerCustomAdvanced.",
-            inputs=[
-                *guider_inputs(model_tooltip=CALIBRATED_MODEL_TOOLTIP, cfg_default=7.0,
-                               negative_tooltip="The calibrated negative prompt's conditioning."),
-                LinearAGCalibration.Input("linear_ag", tooltip="From LinearAG Calibrate or LinearAG Load."),
-                *_pattern_inputs(),
-            ],
-            outputs=[io.Guider.Output()],
-            hidden=[io.Hidden.unique_id],
-        )
-
-    @classmethod
-    def execute(cls, model, positive, negative, cfg, linear_ag, true_every, guided_until) -> io.NodeOutput:
-        patched = patch_linear_ag(model, linear_ag, true_every, guided_until, node_id_of(cls))
-        return io.NodeOutput(cfg_guider(patched, positive, negative, cfg))
+def _apply_inputs():
+    return [LinearAGCalibration.Input("linear_ag", tooltip="From LinearAG Calibrate or LinearAG Load."),
+            *_pattern_inputs()]
 
 
-class LinearAGModelPatch(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="GuidanceKitLinearAG",
-            display_name="LinearAG (Guidance Kit)",
-            category=CATEGORY,
-            description="MODEL patch for KSampler: CFG whose unconditional is predicted by a calibrated linear "
-                        "regression on most steps (LinearAG, arXiv 2312.12487).",
-            inputs=[
-                model_input(CALIBRATED_MODEL_TOOLTIP),
-                LinearAGCalibration.Input("linear_ag", tooltip="From LinearAG Calibrate or LinearAG Load."),
-                *_pattern_inputs(),
-            ],
-            outputs=[io.Model.Output()],
-            hidden=[io.Hidden.unique_id],
-        )
-
-    @classmethod
-    def execute(cls, model, linear_ag, true_every, guided_until) -> io.NodeOutput:
-        return io.NodeOutput(patch_linear_ag(model, linear_ag, true_every, guided_until, node_id_of(cls)))
+LinearAGGuider, LinearAGModelPatch = guider_and_patch(TwinSpec(
+    name="LinearAG", category=CATEGORY, options=_apply_inputs, patch=patch_linear_ag,
+    model_tooltip=CALIBRATED_MODEL_TOOLTIP,
+    guider_id="GuidanceKitLinearAGGuider", guider_display="LinearAG Guider (Guidance Kit)",
+    guider_description="CFG whose unconditional is predicted by a calibrated linear regression on most steps "
+                       "(LinearAG, arXiv 2312.12487). For SamplerCustomAdvanced.",
+    guider_inputs=lambda: guider_inputs(model_tooltip=CALIBRATED_MODEL_TOOLTIP, cfg_default=7.0,
+                                        negative_tooltip="The calibrated negative prompt's conditioning."),
+    patch_id="GuidanceKitLinearAG", patch_display="LinearAG (Guidance Kit)",
+    patch_description="MODEL patch for KSampler: CFG whose unconditional is predicted by a calibrated linear "
+                      "regression on most steps (LinearAG, arXiv 2312.12487).",
+))
 
 
 NODES = [LinearAGCalibrate, LinearAGLoad, LinearAGGuider, LinearAGModelPatch]

@@ -6,7 +6,8 @@ CFGGuider (it *is* one, over a cloned model), plus model rows counted per evalua
 from comfy_api.latest import io
 
 from .guiders import cfg_guider, guider_inputs
-from .run_stats import attach_run_stats, node_id_of
+from .patching import Technique, install
+from .stats_wrappers import node_id_of
 
 CATEGORY = "Guidance Kit"
 
@@ -27,10 +28,7 @@ class ReferenceCFGGuider(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, cfg) -> io.NodeOutput:
-        patched = model.clone()
-        attach_run_stats(patched, "CFG", node_id_of(cls))
-        guider = cfg_guider(patched, positive, negative, cfg)
-        return io.NodeOutput(guider)
+        return io.NodeOutput(cfg_guider(install(model, Technique(), node_id_of(cls)), positive, negative, cfg))
 
 
 NODES = [ReferenceCFGGuider]

@@ -1,43 +1,23 @@
 """LinearAG: predict the unconditional from past estimates of the same trajectory.
 
-Castillo et al., arXiv 2312.12487, Sec. 5 (LinearAG): the unconditional estimate of some steps is
-replaced by a linear regression on past estimates of the same trajectory, fitted offline by least
-squares on full-CFG trajectories; the reported schedule alternates true CFG and regressed CFG in
-the first half and uses AG (conditional only) in the second half (25 NFEs instead of 40 at 20
-steps).  The paper does not state the regression's terms; this module chooses:
+Castillo et al., arXiv 2312.12487, Sec. 5: on regressed evaluations the unconditional is a linear
+regression on past estimates of the same trajectory, fitted offline by least squares on full-CFG
+trajectories.  The terms are not stated in the paper; the default ``TERMS``, for a regressed
+evaluation j whose last true-CFG evaluation (the anchor) is a, is
 
-* Space: the denoised predictions D(x; σ) ComfyUI's models return (with a latent term the fit is
-  equally expressive in ε-space, ε being affine in x and D).
-* Terms, for a regressed evaluation j whose most recent true-CFG evaluation (the *anchor*) is a,
-  chosen among ``KNOWN_TERMS``; the default ``TERMS`` is
+    û_j = w₁·D_c(j) + w₂·D_c(a) + w₃·D_u(a)
 
-      û_j = w₁·D_c(j) + w₂·D_c(a) + w₃·D_u(a)
-
-  the current conditional and the anchor's conditional and unconditional (with the paper's
-  alternating pattern the anchor is the previous step).  Every input is a true model prediction:
-  a regressed estimate never feeds another regression.  Latent terms (``x``, ``anchor_x``,
-  ``previous_x``) fit held-out *full-CFG* trajectories far better, because the latent path
-  encodes the CFG updates taken so far, but at use those updates were regressed ones: measured
-  on the samples themselves they are no closer to CFG (bench/adaptive_guidance.py --terms), so
-  the default leaves them out.
-* Coefficients per (anchor a, target j) pair and per latent channel, fitted for every pair
-  a < j, so the true/regressed pattern is chosen at apply time without recalibrating.  With a =
-  j − 1 the regression contains "reuse the previous unconditional" and "reuse the previous
-  guidance difference" as special cases.
-* Fit: normal equations accumulated in float64 over all pixels of all calibration samples, solved
-  with a tiny ridge (1e-9 of the mean diagonal) for numerical safety.
-
-Pattern (``step_pattern``): the first ``guided_until`` fraction of the evaluations is guided,
-true CFG on every ``true_every``-th of them (starting with the first) and regressed CFG on the
-others; the rest are conditional only.  The paper's schedule is true_every = 2,
-guided_until = 0.5.  Measured on the toy model (bench/adaptive_guidance.py, held-out error
-relative to dropping guidance): the regression recovers most of the guidance difference one
-evaluation after a true one (error ratio 0.32), little five after (0.90), so patterns with
-sparse true evaluations are close to unguided between them.
+on denoised predictions, with coefficients per (anchor, target) pair and per latent channel
+(normal equations in float64, ridge 1e-9 of the mean diagonal).  ``step_pattern``: the first
+``guided_until`` of the evaluations are guided (true CFG every ``true_every``-th, starting with the
+first; regressed otherwise), the rest conditional only; the paper's schedule is (2, 0.5).
 """
 import math
+from dataclasses import dataclass, field
 
 import torch
+
+from .bundles import load_bundle, save_bundle
 
 KNOWN_TERMS = ("cond", "x", "anchor_cond", "anchor_uncond", "anchor_x", "previous_cond", "previous_x")
 TERMS = ("cond", "anchor_cond", "anchor_uncond")
@@ -152,3 +132,51 @@ def heldout_errors(coefficients: torch.Tensor, terms, xs: list, conds: list, unc
         for name, estimate in estimates.items():
             totals[name] += float((estimate - unconds[j]).double().pow(2).mean())
     return {name: total / len(targets) for name, total in totals.items()}
+
+
+FORMAT = "guidance_kit.linear_ag/1"
+TENSOR_KEYS = ("coefficients", "evaluation_sigmas", "schedule", "negative_fingerprint")
+
+
+@dataclass
+class Calibration:
+    """Fitted coefficients [E, E, C, K], the evaluation sigmas [E] and schedule [steps + 1] they were
+    fitted on, a fingerprint of the negative's conditioning, and metadata (``info``)."""
+
+    coefficients: torch.Tensor
+    evaluation_sigmas: torch.Tensor
+    schedule: torch.Tensor
+    negative_fingerprint: torch.Tensor
+    info: dict = field(default_factory=dict)
+
+    @property
+    def evaluations(self) -> int:
+        return self.coefficients.shape[0]
+
+    @property
+    def terms(self) -> tuple[str, ...]:
+        return tuple(self.info["terms"])
+
+    def save(self, path) -> None:
+        save_bundle(path, {key: getattr(self, key).float() for key in TENSOR_KEYS}, self.info, FORMAT)
+
+    @classmethod
+    def load(cls, path, where: str = "LinearAG") -> "Calibration":
+        bundle = load_bundle(path, FORMAT, where, shapes=dict.fromkeys(TENSOR_KEYS))
+        tensors, info = bundle.tensors, bundle.metadata
+        try:
+            terms = validate_terms(info.get("terms", ()))
+        except ValueError as error:
+            raise ValueError(f"{where}: {path}: {error}") from None
+        c = tensors["coefficients"]
+        consistent = c.ndim == 4 and c.shape[0] == c.shape[1] and c.shape[3] == len(terms) \
+            and tensors["evaluation_sigmas"].shape == c.shape[:1] and tensors["schedule"].ndim == 1 \
+            and tensors["negative_fingerprint"].ndim == 1
+        if not consistent:
+            raise ValueError(f"{where}: {path}: inconsistent shapes {({k: tuple(v.shape) for k, v in tensors.items()})}")
+        return cls(**tensors, info=info)
+
+    def describe(self) -> str:
+        i = self.info
+        return (f"{i.get('model')} {i.get('sampler')}/{i.get('scheduler')} {i.get('steps')} steps, "
+                f"cfg {i.get('cfg')}, negative {i.get('negative_prompt')!r}")

@@ -12,7 +12,7 @@ extra evaluations fall between (or on) step ticks.
 """
 from PIL import Image, ImageDraw, ImageFont
 
-from .run_stats import RunStats
+from .stats_wrappers import RunStats
 
 WIDTH, HEIGHT = 768, 512
 MARKER_COLOR = (214, 39, 40)

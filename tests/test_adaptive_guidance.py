@@ -26,7 +26,7 @@ def ag_guider(tiny, threshold, *, measure="denoised", cfg=5.0, start=0.0, end=1.
 
 
 def last_run(guider):
-    from guidance_kit.nodes.run_stats import stats_sink
+    from guidance_kit.nodes.stats_wrappers import stats_sink
 
     return stats_sink(guider.model_patcher).last
 
@@ -255,8 +255,9 @@ def test_similarity_quantities():
 
 
 def test_bad_inputs_are_named(tiny_eps):
-    with pytest.raises(ValueError, match="threshold must be in"):
-        ag_guider(tiny_eps, 1.5)
+    for bad in (1.5, float("nan")):
+        with pytest.raises(ValueError, match="Adaptive Guidance: 'threshold' must be a finite number in"):
+            ag_guider(tiny_eps, bad)
     with pytest.raises(ValueError, match="start_percent"):
         ag_guider(tiny_eps, 0.99, start=0.8, end=0.2)
 

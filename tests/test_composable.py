@@ -10,7 +10,7 @@ from comfy.patcher_extension import WrappersMP
 
 from guidance_kit.nodes.composable import (ComposableConcept, ComposableGuider, ComposableModelPatch,
                                            ComposablePrompt, patch_model)
-from guidance_kit.nodes.run_stats import stats_sink
+from guidance_kit.nodes.stats_wrappers import stats_sink
 from guidance_kit.samplers.composable import ConvergenceTracker, combine_step, compose, plan_step
 from harness.sampling import cfg_guider, ksample, sample_guider
 
@@ -245,16 +245,16 @@ def test_a_previous_calc_cond_batch_function_is_chained_and_the_input_model_unto
     seen = []
 
     def foreign(args):
-        seen.append(len(args["conds"]))
+        seen.append([c is not None for c in args["conds"]])
         return comfy.samplers.calc_cond_batch(args["model"], args["conds"], args["input"], args["sigma"],
                                               args["model_options"])
     model = tiny_eps.patcher.clone()
     model.set_model_sampler_calc_cond_batch_function(foreign)
     options_before = dict(model.model_options)
-    twice = patch_model(patch_model(model, 1.0), 0.99)
+    twice = patch_model(patch_model(model, threshold=1.0), threshold=0.99)
     composed = composition((tiny_eps.positive, 1.0), (other_prompt(tiny_eps), 1.0))
     ksample(twice, composed, tiny_eps.negative, tiny_eps.empty_latent(1), cfg=3.0, steps=2)
-    assert seen == [3, 3]
+    assert seen == [[True, True], [True, False]] * 2  # ComfyUI's own pairs, never three lists
     assert model.model_options == options_before and model.wrappers.get(WrappersMP.OUTER_SAMPLE) is None
 
 
@@ -282,7 +282,7 @@ def test_prompt_node_encodes_each_concept_with_its_weight():
     (lambda t: guider(t.patcher, t.positive, composition((t.negative, 1.0)), 4.0), "'negative' is a composition"),
     (lambda t: guider(t.patcher, composition((t.positive, 1.0), ([[torch.zeros(1, 8, 32), {}]], 1.0)), t.negative,
                       4.0), "concept 2's conditioning is 32 wide"),
-    (lambda t: guider(t.patcher, t.positive, t.negative, 4.0, threshold=1.5), "'threshold' must be in"),
+    (lambda t: guider(t.patcher, t.positive, t.negative, 4.0, threshold=1.5), "Composable: 'threshold' must be a finite number in (0, 1]"),
     (lambda t: ComposableConcept.execute(composition((t.positive, 1.0)), 1.0, None), "already a composition"),
     (lambda t: ComposablePrompt.execute(StubClip(), "a AND AND b", 1.0), "'text': empty concept before 'AND' at position 6"),
     (lambda t: ComposablePrompt.execute(StubClip(), "a :0 AND b :0", 1.0), "every concept weight is 0"),

@@ -36,7 +36,7 @@ def linear_ag_guider(tiny, calibration, true_every=2, guided_until=0.5, positive
 
 
 def last_run(guider):
-    from guidance_kit.nodes.run_stats import stats_sink
+    from guidance_kit.nodes.stats_wrappers import stats_sink
 
     return stats_sink(guider.model_patcher).last
 
@@ -74,7 +74,7 @@ def test_calibration_file_round_trip_and_metadata(calibrated, tmp_path):
 
     save_file({"coefficients": torch.zeros(2, 2, 4, 4)}, str(tmp_path / "bad.safetensors"),
               metadata={"format": "guidance_kit.linear_ag/1"})
-    with pytest.raises(ValueError, match="expected"):
+    with pytest.raises(ValueError, match="missing evaluation_sigmas"):
         Calibration.load(tmp_path / "bad.safetensors")
 
 

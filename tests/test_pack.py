@@ -23,7 +23,7 @@ def test_pure_packages_import_nothing_from_comfyui():
 
 
 def test_samplers_import_without_comfyui_on_the_path():
-    code = "import sys; sys.path[:] = [p for p in sys.path if 'comfyui' not in p]; import samplers.run_stats"
+    code = "import sys; sys.path[:] = [p for p in sys.path if 'comfyui' not in p]; import samplers.run_record"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 

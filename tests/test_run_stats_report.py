@@ -11,7 +11,7 @@ from harness.sampling import ksample, sample_guider
 
 def hand_made_run(events=(), steps=20):
     """An AG-like run at batch 2: 4 rows per step, 2 once switched to conditional only at step 9."""
-    from guidance_kit.samplers.run_stats import RunStats
+    from guidance_kit.samplers.run_record import RunStats
 
     run = RunStats("AG")
     run.sigmas = [1.0 - i / steps for i in range(steps + 1)]
@@ -42,7 +42,7 @@ def marker_columns(image) -> list[list[int]]:
 
 
 def test_summary_wording():
-    from guidance_kit.samplers.run_stats import RunStats
+    from guidance_kit.samplers.run_record import RunStats
 
     cfg = RunStats("CFG", sigmas=[1.0, 0.5, 0.0])
     for sigma in (1.0, 0.5):
@@ -58,7 +58,7 @@ def test_tensor_signals_are_stored_as_lists():
 
 
 def test_evaluations_sit_at_their_schedule_position(tiny_eps):
-    from guidance_kit.nodes.run_stats import attach_run_stats
+    from guidance_kit.nodes.stats_wrappers import attach_run_stats
 
     model = tiny_eps.patcher.clone()
     sink = attach_run_stats(model, "CFG")
@@ -91,7 +91,7 @@ def test_plot_marks_each_decision_where_it_happened():
 
 
 def test_plot_of_a_run_with_no_evaluations():
-    from guidance_kit.samplers.run_stats import RunStats
+    from guidance_kit.samplers.run_record import RunStats
     from guidance_kit.samplers.stats_plot import plot_run
 
     assert plot_run(RunStats("CFG"), size=(320, 200)).size == (320, 200)
@@ -99,8 +99,8 @@ def test_plot_of_a_run_with_no_evaluations():
 
 def test_run_stats_node_plots_a_reference_guider_run(tiny_eps):
     from guidance_kit.nodes.reference_guider import ReferenceCFGGuider
-    from guidance_kit.nodes.run_stats import stats_sink
-    from guidance_kit.nodes.run_stats_nodes import RunStatsNode
+    from guidance_kit.nodes.stats_wrappers import stats_sink
+    from guidance_kit.nodes.run_stats_node import RunStatsNode
 
     guider = ReferenceCFGGuider.execute(tiny_eps.patcher, tiny_eps.positive, tiny_eps.negative, 5.0)[0]
     latent = {"samples": sample_guider(guider, tiny_eps.empty_latent(batch=2), steps=6)}
@@ -113,8 +113,8 @@ def test_run_stats_node_plots_a_reference_guider_run(tiny_eps):
 
 
 def test_run_stats_node_accepts_a_patched_model(tiny_eps):
-    from guidance_kit.nodes.run_stats import attach_run_stats
-    from guidance_kit.nodes.run_stats_nodes import RunStatsNode
+    from guidance_kit.nodes.stats_wrappers import attach_run_stats
+    from guidance_kit.nodes.run_stats_node import RunStatsNode
 
     model = tiny_eps.patcher.clone()
     attach_run_stats(model, "patched")
@@ -124,7 +124,7 @@ def test_run_stats_node_accepts_a_patched_model(tiny_eps):
 
 def test_run_stats_node_names_what_is_wrong(tiny_eps):
     from guidance_kit.nodes.reference_guider import ReferenceCFGGuider
-    from guidance_kit.nodes.run_stats_nodes import RunStatsNode
+    from guidance_kit.nodes.run_stats_node import RunStatsNode
 
     latent = tiny_eps.empty_latent()
     with pytest.raises(ValueError, match="Run Stats: 'source' carries no Guidance Kit stats"):
@@ -162,7 +162,7 @@ def test_no_announcement_outside_the_server(tiny_eps, monkeypatch):
 
 
 def sample_with_stats(tiny, node_id):
-    from guidance_kit.nodes.run_stats import attach_run_stats
+    from guidance_kit.nodes.stats_wrappers import attach_run_stats
 
     model = tiny.patcher.clone()
     sink = attach_run_stats(model, "CFG", node_id)

@@ -9,7 +9,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..samplers.stats_plot import plot_run
-from .run_stats import stats_sink
+from .stats_wrappers import stats_sink
 
 CATEGORY = "Guidance Kit"
 
