@@ -12,7 +12,7 @@ extra evaluations fall between (or on) step ticks.
 """
 from PIL import Image, ImageDraw, ImageFont
 
-from .stats_wrappers import RunStats
+from .run_record import RunStats
 
 WIDTH, HEIGHT = 768, 512
 MARKER_COLOR = (214, 39, 40)
