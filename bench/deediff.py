@@ -211,9 +211,9 @@ def main() -> None:
     cache = min(caches, key=lambda t: abs(dev[f"cache_{t}"]["blocks"] - dev[f"exit_{threshold}"]["blocks"]))
     depth = DepthByStep()
     prompts = runner.prompt_set("validation", False)[::every]
-    validation, _ = sweep(world, prompts, {"full": runner.cfg(CFG_SCALE), "exit": exit_config(heads, threshold, depth=depth),
-                                           "cache": cache_config(cache), "ag": ag_config(AG_THRESHOLD),
-                                           "ag_exit": exit_config(heads, ag_exit, AG_THRESHOLD)})
+    validation, _ = sweep(world, prompts, {
+        "full": runner.cfg(CFG_SCALE), "exit": exit_config(heads, threshold, depth=depth), "cache": cache_config(cache),
+        "ag": ag_config(AG_THRESHOLD), "ag_exit": exit_config(heads, ag_exit, AG_THRESHOLD)})
     out["validation"] = validation
     full, exit_, peer, ag_exit_figures = (validation[k] for k in ("full", "exit", "cache", "ag_exit"))
     out.update(
