@@ -9,7 +9,7 @@ HOST_DIR := $(or $(COMFYUI_DIR),$(CURDIR)/.comfyui)
 STAMP := $(VENV)/.provisioned
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: comfyui test test-browser demo serve bench train-toyworld validate
+.PHONY: comfyui test test-fast test-browser lint format demo serve bench train-toyworld validate
 
 comfyui: $(STAMP)
 	@$(PY) scripts/provision_comfyui.py
@@ -26,6 +26,17 @@ $(STAMP): requirements-dev.txt scripts/provision_comfyui.py
 test: comfyui
 	bash scripts/install_browser.sh $(PY)
 	$(PYTEST) tests
+
+# The in-process tiers only: no server, no browser (markers `server` and `browser`).
+test-fast: comfyui
+	$(PYTEST) -m "not server and not browser" tests
+
+# ComfyUI's ruff rule set plus import sorting and line length 120 (pyproject.toml [tool.ruff]); CI runs it.
+lint: comfyui
+	$(VENV)/bin/ruff check .
+
+format: comfyui
+	$(VENV)/bin/ruff check --fix .
 
 # Only the tests that drive the real frontend in headless Chromium (tests/browser/, marker `browser`).
 test-browser: comfyui

@@ -16,11 +16,11 @@ Every configuration samples the same prompts with the same noise (``runner.run``
 The AG threshold and the LinearAG pattern are chosen on the dev set (among the settings reaching
 the target's row saving, the one closest to the CFG images); validation figures are reported for
 that choice (validation is never tuned on).  Pass rates come with the paired difference to CFG
-(same prompts and noise: images gained, lost, and its standard error).  Also reported: the regression's held-out error against
-reusing the previous step's unconditional, and the node's own per-step overhead on the tiny
-SD1.5-style model at γ̄ = 1.0 (time inside the patch minus time inside the model, over the run's
-wall time).  ``--families`` adds the study that chose AG's default quantity per model family: the
-toy denoiser sampled as a flow model and re-expressed as an ε- and a v-prediction model on the SD
+(same prompts and noise: images gained, lost, and its standard error).  Also reported: the
+regression's held-out error against reusing the previous step's unconditional, and the node's own
+per-step overhead on the tiny SD1.5-style model at γ̄ = 1.0 (time inside the patch minus time inside
+the model, over the run's wall time).  ``--families`` adds the study that chose AG's default quantity
+per model family: the toy denoiser sampled as a flow model and re-expressed as an ε- and a v-prediction model on the SD
 noise schedule ("normal" scheduler), each quantity at a sweep of thresholds.
 
 Last line: JSON.
@@ -53,7 +53,8 @@ TERM_SETS = {"default": ("cond", "anchor_cond", "anchor_uncond"),
              "plus_previous_cond": ("cond", "anchor_cond", "anchor_uncond", "previous_cond"),
              "plus_x": ("cond", "x", "anchor_cond", "anchor_uncond"),
              "plus_x_anchor_x": ("cond", "x", "anchor_cond", "anchor_uncond", "anchor_x"),
-             "plus_all_latents": ("cond", "x", "anchor_cond", "anchor_uncond", "anchor_x", "previous_cond", "previous_x")}
+             "plus_all_latents": ("cond", "x", "anchor_cond", "anchor_uncond", "anchor_x", "previous_cond",
+                                  "previous_x")}
 FAMILY_THRESHOLDS = {"noise": (0.999, 0.9999), "denoised": (0.999, 0.9995, 0.9998, 0.9999),
                      "guidance": (0.99, 0.995, 0.998, 0.999)}
 
@@ -76,23 +77,12 @@ def linear(calibration, true_every: int, guided_until: float):
 
 def window(steps_guided: int):
     """The peer: CFG while sigma lies in the fixed window of the first ``steps_guided`` steps."""
-    import comfy.samplers
+    from harness.sampling import switched_cfg_guider
 
-    class SigmaWindowGuider(comfy.samplers.CFGGuider):
-        def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 (ComfyUI signature)
-            sigmas = model_options["transformer_options"]["sample_sigmas"]
-            low = float(sigmas[steps_guided - 1]) if steps_guided > 0 else float("inf")
-            scale = self.cfg if float(timestep.flatten()[0]) >= low else 1.0
-            return comfy.samplers.sampling_function(self.inner_model, x, timestep, self.conds.get("negative"),
-                                                    self.conds.get("positive"), scale, model_options=model_options,
-                                                    seed=seed)
+    def guided(sigma, sigmas):
+        return steps_guided > 0 and sigma >= float(sigmas[steps_guided - 1])
 
-    def make(model, positive, negative):
-        guider = SigmaWindowGuider(model)
-        guider.set_conds(positive, negative)
-        guider.set_cfg(CFG_SCALE)
-        return guider
-    return make
+    return lambda model, positive, negative: switched_cfg_guider(model, positive, negative, CFG_SCALE, guided)
 
 
 # ---------------------------------------------------------------- measuring
@@ -175,6 +165,7 @@ def node_overhead(repeats: int) -> dict:
     but outside ComfyUI's calc_cond_batch, over the run's wall time; plus the end-to-end medians
     of alternating runs against the Reference CFG guider (same stats wrappers) and the stock CFGGuider."""
     import comfy.samplers
+
     from guidance_kit.nodes.adaptive_guidance import AdaptiveGuidanceGuider
     from guidance_kit.nodes.reference_guider import ReferenceCFGGuider
     from harness import tiny_models
@@ -245,6 +236,7 @@ def reexpressed_world(world, prediction: str):
 
     import comfy.model_base
     import comfy.model_patcher
+
     from guidance_kit.nodes.toyworld import ToyWorldConfig
 
     class FlowAsDiscrete(torch.nn.Module):
@@ -364,7 +356,8 @@ def main(argv=None):
         "linear_distance_to_cfg": val[linear_name]["distance_to_reference"],
         "linear_pass_delta": val[linear_name]["pass_delta"], "linear_pass_delta_se": val[linear_name]["pass_delta_se"],
         "linear_calibration_seconds": round(calibration_seconds, 2), "linear_regression_error": error,
-        "peer_at_ag_rows": {k: ag_peer[k] for k in PEER_KEYS}, "peer_at_linear_rows": {k: linear_peer[k] for k in PEER_KEYS},
+        "peer_at_ag_rows": {k: ag_peer[k] for k in PEER_KEYS},
+        "peer_at_linear_rows": {k: linear_peer[k] for k in PEER_KEYS},
     }
     out["targets"] = {
         "ag_rows_saved_ge_35pct": out["ag_rows_saved"] >= AG_TARGET["saving"],

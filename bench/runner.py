@@ -117,7 +117,6 @@ def run(world: ToyWorld, name: str, make_guider, prompts: list[tuple[str, dict]]
         steps: int = 20, sampler: str = "euler", scheduler: str = "simple", base_seed: int = 0,
         negative: str = "", progress: bool = True) -> Result:
     """Sample every prompt of ``prompts`` with ``seeds`` images through ``make_guider``; judge with the oracle."""
-    import torch
 
     from guidance_kit.nodes.stats_wrappers import attach_run_stats, stats_sink
     from guidance_kit.nodes.toyworld import ToyWorldEmptyLatent

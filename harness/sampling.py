@@ -23,11 +23,29 @@ def sample_guider(guider, latent: dict, *, steps: int = 20, sampler: str = "eule
 
 
 def cfg_guider(patcher, positive, negative, cfg: float):
-    """ComfyUI's stock CFGGuider."""
+    """ComfyUI's stock CFGGuider (the pack's own helper, so tests and benchmarks build it one way)."""
+    boot()
+    from guidance_kit.nodes.guiders import cfg_guider as stock_cfg_guider
+
+    return stock_cfg_guider(patcher, positive, negative, cfg)
+
+
+def switched_cfg_guider(patcher, positive, negative, cfg: float, guided):
+    """ComfyUI's own sampling_function at scale ``cfg`` where ``guided(sigma, sample_sigmas)`` holds and at
+    scale 1 elsewhere: the reference for "CFG, then conditional only" (the tests' AG reference, the
+    benchmarks' fixed-window peer)."""
     boot()
     import comfy.samplers
 
-    guider = comfy.samplers.CFGGuider(patcher)
+    class SwitchedCFGGuider(comfy.samplers.CFGGuider):
+        def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 (ComfyUI signature)
+            sigmas = model_options["transformer_options"]["sample_sigmas"]
+            scale = self.cfg if guided(float(timestep.flatten()[0]), sigmas) else 1.0
+            return comfy.samplers.sampling_function(self.inner_model, x, timestep, self.conds.get("negative"),
+                                                    self.conds.get("positive"), scale, model_options=model_options,
+                                                    seed=seed)
+
+    guider = SwitchedCFGGuider(patcher)
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
     return guider
@@ -39,4 +57,5 @@ def ksample(patcher, positive, negative, latent: dict, *, cfg: float, steps: int
     boot()
     import nodes
 
-    return nodes.common_ksampler(patcher, seed, steps, cfg, sampler, scheduler, positive, negative, latent)[0]["samples"]
+    output = nodes.common_ksampler(patcher, seed, steps, cfg, sampler, scheduler, positive, negative, latent)
+    return output[0]["samples"]

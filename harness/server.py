@@ -12,7 +12,6 @@ from pathlib import Path
 
 from .comfy_host import REPO, comfyui_dir
 
-
 OPTIONAL_BUILTIN_FAILURES = {"IMPORT FAILED: nodes_audio.py", "IMPORT FAILED: nodes_audio_encoder.py"}
 
 
@@ -127,6 +126,7 @@ class ComfyServer:
         """Run a workflow file through comfy-cli against this server (stdin closed, as in CI)."""
         comfy = Path(sys.executable).parent / "comfy"
         return subprocess.run([str(comfy), "--skip-prompt", "--no-enable-telemetry", "run", "--workflow", str(workflow),
-                               "--host", "127.0.0.1", "--port", str(self.port), "--wait", "--timeout", str(int(timeout))],
+                               "--host", "127.0.0.1", "--port", str(self.port), "--wait",
+                               "--timeout", str(int(timeout))],
                               capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=timeout + 60,
                               cwd=REPO)

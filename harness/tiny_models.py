@@ -84,7 +84,8 @@ def build(family: str, seed: int = 0) -> TinyModel:
         positive, negative = _conds(64, 8, seed)
         channels = 4
     elif family == "sdxl_adm":
-        config = comfy.supported_models.SDXL(_unet_config(adm_in_channels=2816, num_classes="sequential", model_channels=64))
+        config = comfy.supported_models.SDXL(_unet_config(adm_in_channels=2816, num_classes="sequential",
+                                                          model_channels=64))
         model = comfy.model_base.SDXL(config)
         generator = torch.Generator().manual_seed(seed + 1)
         pooled = {"pooled_output": torch.randn(1, 1280, generator=generator), "width": 64, "height": 64}

@@ -24,8 +24,15 @@ import comfy.sampler_helpers
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..samplers.composable import (ConvergenceTracker, check_weights, combine_step, concept_cosine, lead_concept,
-                                   localise, plan_step)
+from ..samplers.composable import (
+    ConvergenceTracker,
+    check_weights,
+    combine_step,
+    concept_cosine,
+    lead_concept,
+    localise,
+    plan_step,
+)
 from ..samplers.prompt_syntax import PromptSyntaxError, parse_composable_prompt
 from .guiders import guider_inputs
 from .patching import Technique, TwinSpec, check_number, guider_and_patch, install

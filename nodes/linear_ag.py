@@ -150,7 +150,8 @@ class LinearAGRun:
                 self.problem = (f"latent has {evaluator.x.shape[1]} channels, calibrated "
                                 f"{calibration.coefficients.shape[2]}")
             elif not fingerprints_match(negative_fingerprint(evaluator.uncond), calibration.negative_fingerprint):
-                self.problem = f"negative prompt differs from the calibrated {calibration.info.get('negative_prompt')!r}"
+                negative = calibration.info.get('negative_prompt')
+                self.problem = f"negative prompt differs from the calibrated {negative!r}"
         if self.problem is None:
             if j >= calibration.evaluations:
                 self.problem = f"more evaluations than the {calibration.evaluations} calibrated"

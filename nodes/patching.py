@@ -195,6 +195,15 @@ def _slot_name(function) -> str:
     return name.split(".<locals>")[0].removesuffix(".execute")
 
 
+def _chains(function, key: str) -> bool:
+    """Whether ``function`` is, or chains to, the slot function installed under ``key``."""
+    while function is not None:
+        if getattr(function, "key", None) == key:
+            return True
+        function = getattr(function, "previous", None)
+    return False
+
+
 def install(model, technique: Technique, node_id: str | None = None):
     """A clone of ``model`` with ``technique`` installed as described in the module docstring."""
     patched = model.clone()
@@ -222,9 +231,9 @@ def install(model, technique: Technique, node_id: str | None = None):
         out = executor(x, timestep, model_options, seed)
         if slot is not None and slot.reached == reached:
             now = model_options.get(SLOT)
-            culprit = f"'{_slot_name(now)}' replaced its calc-cond-batch function after it" if now is not None \
-                else f"the guider '{type(executor.class_obj).__name__}' evaluates the model without ComfyUI's " \
-                     "calc-cond-batch function"
+            guider = type(executor.class_obj).__name__
+            culprit = f"the guider '{guider}' evaluates the model without ComfyUI's calc-cond-batch function" \
+                if _chains(now, key) else f"'{_slot_name(now)}' replaced its calc-cond-batch function after it"
             raise RuntimeError(f"{technique.node}: {culprit}, so {technique.name} cannot act; apply "
                                f"{technique.node} last, with KSampler, CFGGuider or a Guidance Kit guider")
         return out

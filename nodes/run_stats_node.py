@@ -6,6 +6,7 @@ drawing is ``samplers/stats_plot.py``.
 """
 import numpy as np
 import torch
+
 from comfy_api.latest import io, ui
 
 from ..samplers.stats_plot import plot_run

@@ -166,8 +166,8 @@ class ToyWorldLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, diffusion_model) -> io.NodeOutput:
-        return io.NodeOutput(load_model(weight_path(diffusion_model)), load_clip(weight_path(weights.MAIN_WEIGHTS.name)),
-                             pixel_space_vae())
+        return io.NodeOutput(load_model(weight_path(diffusion_model)),
+                             load_clip(weight_path(weights.MAIN_WEIGHTS.name)), pixel_space_vae())
 
 
 class ToyWorldEmptyLatent(io.ComfyNode):

@@ -1,24 +1,12 @@
-"""Composable Diffusion: AND / NOT of weighted concepts (Liu et al., arXiv 2206.01714, ECCV 2022).
+"""Composable Diffusion: AND / NOT of weighted concepts (Liu et al., arXiv 2206.01714, Sec. 4.1 Eq. 9-10).
 
-The paper's composed prediction (its Eq. for conjunction; negation is the same sum with a
-negative weight)::
+    eps_hat = eps(x_t) + sum_i w_i * (eps(x_t | c_i) - eps(x_t))     (NOT: a negative w_i)
 
-    eps_hat = eps(x_t) + sum_i w_i * (eps(x_t | c_i) - eps(x_t))
-
-Every term is linear in the predictions, so the rule holds unchanged in the denoised (x0) space
-ComfyUI works in, and for eps-, v- and flow-prediction models alike.  ``compose`` is that rule.
-
-Adaptive Guidance (arXiv 2312.12487) composes with it per concept: AG stops evaluating the
-unconditional once cos(eps(c), eps(uncond)) >= threshold; here a *concept* whose prediction has
-converged to the unconditional's stops being evaluated (its term is taken as zero from then on).
-The switching is AG's own (``adaptive_guidance.SwitchState``, one per concept): per sample, keyed
-to the noise level (a concept converging at sigma_s still counts at that evaluation and is skipped
-at every later one below sigma_s), state created fresh for each run.  The cosine is AG's default
-quantity, the denoised (x0) predictions (over where the concept applies, for a concept with an
-area, mask or timestep range).  When every concept of a sample has converged, the sample continues
-on one row, the *lead* concept (the highest positive weight) alone, exactly as AG continues on the
-conditional alone; a composition of one concept is therefore AG.  With no positive concept it
-continues on the unconditional.
+Linear in the predictions, so it holds unchanged on ComfyUI's denoised predictions for eps-, v- and
+flow-prediction models (``compose``).  Adaptive Guidance per concept (arXiv 2312.12487, Sec. 4): a
+concept whose denoised prediction reaches cosine ``threshold`` with the unconditional's stops being
+evaluated (AG's ``SwitchState``, one per concept: per sample, keyed to the noise level); a sample
+whose concepts have all converged continues on its lead concept (highest positive weight) alone.
 """
 import math
 from dataclasses import dataclass

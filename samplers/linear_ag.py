@@ -173,7 +173,8 @@ class Calibration:
             and tensors["evaluation_sigmas"].shape == c.shape[:1] and tensors["schedule"].ndim == 1 \
             and tensors["negative_fingerprint"].ndim == 1
         if not consistent:
-            raise ValueError(f"{where}: {path}: inconsistent shapes {({k: tuple(v.shape) for k, v in tensors.items()})}")
+            shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+            raise ValueError(f"{where}: {path}: inconsistent shapes {shapes}")
         return cls(**tensors, info=info)
 
     def describe(self) -> str:

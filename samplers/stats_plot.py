@@ -122,7 +122,8 @@ def _rows_panel(draw, run, box, small):
     for index, evaluation in enumerate(evaluations):
         x = frame.x(run.position(index))
         if evaluation.baseline_rows is not None and evaluation.baseline_rows > evaluation.rows:
-            draw.rectangle((x - half_bar, frame.y(evaluation.baseline_rows), x + half_bar, frame.y(0)), fill=SAVED_COLOR)
+            draw.rectangle((x - half_bar, frame.y(evaluation.baseline_rows), x + half_bar, frame.y(0)),
+                           fill=SAVED_COLOR)
         draw.rectangle((x - half_bar, frame.y(evaluation.rows), x + half_bar, frame.y(0)), fill=ROWS_COLOR)
     sigma_max = max(e.sigma for e in evaluations) or 1.0
     sigma_frame = _Frame(box, run.steps, 0.0, sigma_max * 1.3)

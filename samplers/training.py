@@ -11,8 +11,9 @@
   a checkpoint every ``checkpoint_every`` steps, on a stop and at the end.
 * Determinism across world sizes: the global batch of step ``s`` (``settings.batch_size`` rows) is drawn from
   ``step_generator(settings.seed, s)``; each rank calls ``loss_fn(s, rows)`` with its contiguous slice of it and
-  returns the mean loss over those rows; gradients and losses are then averaged over the ranks, which is the
-  gradient of the whole batch's mean, so N processes follow the one-process run up to float summation order.
+  returns the mean loss over those rows (draw the whole batch and index ``rows``, or draw row ``i`` alone from
+  ``step_generator(seed, s, i)``); gradients and losses are then averaged over the ranks, which is the gradient of
+  the whole batch's mean, so N processes follow the one-process run up to float summation order.
   Initial parameters are broadcast from rank 0; torch's global RNG is reseeded from (seed, step, rank) each step.
 * Checkpoints (``CHECKPOINT_FORMAT``, written by the main rank with ``save_bundle``, atomic): ``param/<name>``,
   ``adam/<name>/exp_avg``, ``adam/<name>/exp_avg_sq``, ``adam/<name>/step``; metadata ``step``, ``losses``,
@@ -117,17 +118,20 @@ class DistributedContext:
         if self.world_size > 1:
             dist.barrier()
 
-    def close(self) -> None:
-        """Leave the process group if ``from_environment`` joined it."""
+    def close(self, wait: bool = True) -> None:
+        """Leave the process group if ``from_environment`` joined it, after a barrier unless ``wait`` is false
+        (gloo aborts a process that tears its group down while a peer still uses it)."""
         if self.owns_group and dist.is_initialized():
+            if wait:
+                dist.barrier()
             dist.destroy_process_group()
         self.owns_group = False
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, error_type, error, traceback):
+        self.close(wait=error_type is None)
 
 
 @dataclass(frozen=True)
@@ -244,9 +248,12 @@ def train(trainables: dict, loss_fn: Callable[[int, slice], torch.Tensor], setti
           should_stop: Callable[[int], bool] | None = None) -> TrainResult:
     """Run AdamW on ``trainables`` for ``settings.steps`` steps, resuming from ``checkpoint`` when it exists.
 
-    ``loss_fn(step, rows)``: the mean loss over rows ``rows`` of step ``step``'s global batch (see the module
-    docstring).  ``identity``: JSON facts of what is trained (architecture, base weights' ``fingerprint``, shapes,
-    any caller setting that changes the result); a checkpoint must match it and ``settings``."""
+    ``trainables`` live on ``context.device`` (the caller moves them).  ``loss_fn(step, rows)``: the mean loss
+    over rows ``rows`` of step ``step``'s global batch (see the module docstring).  ``identity``: JSON facts of
+    what is trained (architecture, base weights' ``fingerprint``, shapes, any caller setting that changes the
+    result); a checkpoint must match it and ``settings``.  ``on_step`` runs on the main rank only;
+    ``should_stop(step)`` is asked there after each step and, if true, the run checkpoints and returns with
+    ``completed`` false (e.g. on a ComfyUI interrupt)."""
     context = context or DistributedContext()
     identity = identity or {}
     parameters = trainable_parameters(trainables)

@@ -52,6 +52,7 @@ def main(argv=None):
     import comfy.sd
     import comfy.utils
     import nodes
+
     from guidance_kit.nodes import linear_ag
     from guidance_kit.samplers.linear_ag import heldout_errors
 
@@ -69,7 +70,8 @@ def main(argv=None):
     else:
         from guidance_kit.toyworld import scenes
 
-        texts = [prompt for prompt, _ in (scenes.dev_prompts() if args.prompt_set == "dev" else scenes.validation_prompts())]
+        prompt_set = scenes.dev_prompts() if args.prompt_set == "dev" else scenes.validation_prompts()
+        texts = [prompt for prompt, _ in prompt_set]
     if args.holdout >= len(texts):
         raise SystemExit(f"--holdout {args.holdout} leaves no prompt to fit ({len(texts)} prompts)")
     encode = lambda text: nodes.CLIPTextEncode().encode(clip, text)[0]  # noqa: E731

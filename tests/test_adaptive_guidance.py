@@ -13,7 +13,7 @@ import torch
 import comfy.samplers
 from comfy_extras.nodes_custom_sampler import SamplerCustomAdvanced
 
-from harness.sampling import cfg_guider, ksample, sample_guider, sigmas_for
+from harness.sampling import cfg_guider, ksample, sample_guider, sigmas_for, switched_cfg_guider
 
 STEPS = 6
 
@@ -46,20 +46,6 @@ def sample_with_noise(guider, noise, *, steps=STEPS, sampler="euler"):
     sigmas = sigmas_for(guider.model_patcher, steps)
     return SamplerCustomAdvanced.execute(FixedNoise(noise), guider, comfy.samplers.sampler_object(sampler), sigmas,
                                          latent)[0]["samples"]
-
-
-class SwitchedCFG(comfy.samplers.CFGGuider):
-    """Reference: stock sampling_function with the CFG scale at σ >= switch_sigma and 1.0 below."""
-
-    def __init__(self, patcher, switch_sigma):
-        super().__init__(patcher)
-        self.switch_sigma = switch_sigma
-
-    def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 (ComfyUI signature)
-        scale = self.cfg if float(timestep.flatten()[0]) >= self.switch_sigma else 1.0
-        return comfy.samplers.sampling_function(self.inner_model, x, timestep, self.conds.get("negative"),
-                                                self.conds.get("positive"), scale, model_options=model_options,
-                                                seed=seed)
 
 
 def first_rise(values, start):
@@ -100,9 +86,8 @@ def test_switch_gives_cfg_then_conditional_only(tiny_eps, sampler):
 
     guider = ag_guider(tiny_eps, threshold)
     got = sample_with_noise(guider, noise, sampler=sampler)
-    reference = SwitchedCFG(tiny_eps.patcher, switch_sigma)
-    reference.set_conds(tiny_eps.positive, tiny_eps.negative)
-    reference.set_cfg(5.0)
+    reference = switched_cfg_guider(tiny_eps.patcher, tiny_eps.positive, tiny_eps.negative, 5.0,
+                                    lambda sigma, _: sigma >= switch_sigma)
     assert torch.equal(got, sample_with_noise(reference, noise, sampler=sampler))
 
     run = last_run(guider)
@@ -248,7 +233,8 @@ def test_similarity_quantities():
     denoised = similarity("denoised", x, cond, uncond)
     torch.testing.assert_close(denoised, torch.nn.functional.cosine_similarity(flat(cond), flat(uncond)))
     noise = similarity("noise", x, cond, uncond, signal_scale=0.5)
-    torch.testing.assert_close(noise, torch.nn.functional.cosine_similarity(flat(x - 0.5 * cond), flat(x - 0.5 * uncond)))
+    expected = torch.nn.functional.cosine_similarity(flat(x - 0.5 * cond), flat(x - 0.5 * uncond))
+    torch.testing.assert_close(noise, expected)
     assert torch.allclose(similarity("guidance", x, cond, uncond, cfg_scale=1.0), torch.ones(3))
     with pytest.raises(ValueError, match="quantity"):
         similarity("velocity", x, cond, uncond)

@@ -8,8 +8,13 @@ import comfy.samplers
 import node_helpers
 from comfy.patcher_extension import WrappersMP
 
-from guidance_kit.nodes.composable import (ComposableConcept, ComposableGuider, ComposableModelPatch,
-                                           ComposablePrompt, patch_model)
+from guidance_kit.nodes.composable import (
+    ComposableConcept,
+    ComposableGuider,
+    ComposableModelPatch,
+    ComposablePrompt,
+    patch_model,
+)
 from guidance_kit.nodes.stats_wrappers import stats_sink
 from guidance_kit.samplers.composable import ConvergenceTracker, combine_step, compose, plan_step
 from harness.sampling import cfg_guider, ksample, sample_guider
@@ -282,9 +287,11 @@ def test_prompt_node_encodes_each_concept_with_its_weight():
     (lambda t: guider(t.patcher, t.positive, composition((t.negative, 1.0)), 4.0), "'negative' is a composition"),
     (lambda t: guider(t.patcher, composition((t.positive, 1.0), ([[torch.zeros(1, 8, 32), {}]], 1.0)), t.negative,
                       4.0), "concept 2's conditioning is 32 wide"),
-    (lambda t: guider(t.patcher, t.positive, t.negative, 4.0, threshold=1.5), "Composable: 'threshold' must be a finite number in (0, 1]"),
+    (lambda t: guider(t.patcher, t.positive, t.negative, 4.0, threshold=1.5),
+     "Composable: 'threshold' must be a finite number in (0, 1]"),
     (lambda t: ComposableConcept.execute(composition((t.positive, 1.0)), 1.0, None), "already a composition"),
-    (lambda t: ComposablePrompt.execute(StubClip(), "a AND AND b", 1.0), "'text': empty concept before 'AND' at position 6"),
+    (lambda t: ComposablePrompt.execute(StubClip(), "a AND AND b", 1.0),
+     "'text': empty concept before 'AND' at position 6"),
     (lambda t: ComposablePrompt.execute(StubClip(), "a :0 AND b :0", 1.0), "every concept weight is 0"),
 ])
 def test_clear_errors(tiny_eps, call, message):

@@ -50,9 +50,6 @@ def test_regression_beats_reusing_the_previous_unconditional_on_held_out_traject
             seed=77, steps=STEPS, cfg=CFG, sampler_name="euler", scheduler="normal"):
         errors = heldout_errors(calibrated.coefficients, calibrated.terms, xs, conds, unconds)
         ratio = errors["regression"] / errors["previous_uncond"]
-        print(f"held-out MSE ratio regression / previous uncond = {ratio:.4f}, "
-              f"/ previous guidance difference = {errors['regression'] / errors['previous_difference']:.4f}, "
-              f"/ no guidance = {errors['regression'] / errors['conditional']:.4f}")
         assert ratio < 0.5
         assert errors["regression"] < errors["previous_difference"]
         assert errors["regression"] < errors["conditional"]  # it recovers part of the guidance itself

@@ -2,8 +2,9 @@
 import ast
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 REPO = Path(__file__).resolve().parent.parent
 PURE_PACKAGES = ("samplers", "toyworld")

@@ -1,9 +1,10 @@
 """The model-row counter: per run, per evaluation, chained with other packs' wrappers and hooks."""
-import comfy.patcher_extension
 import pytest
+
+import comfy.patcher_extension
 from comfy.patcher_extension import WrappersMP
 
-from harness.sampling import ksample, sample_guider, cfg_guider
+from harness.sampling import cfg_guider, ksample, sample_guider
 
 
 @pytest.fixture

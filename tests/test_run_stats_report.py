@@ -28,6 +28,7 @@ def marker_columns(image) -> list[list[int]]:
     """Groups of adjacent pixel columns crossed by a decision marker (a long run of its colour: the
     labels' short strokes do not count)."""
     import numpy as np
+
     from guidance_kit.samplers.stats_plot import MARKER_COLOR
 
     marked = (np.asarray(image) == MARKER_COLOR).all(axis=-1).sum(axis=0)
@@ -48,7 +49,8 @@ def test_summary_wording():
     for sigma in (1.0, 0.5):
         cfg.begin_evaluation(sigma).rows = 2
     assert cfg.summary() == "CFG: 2 steps, 4 model rows"
-    assert hand_made_run(events=(8,)).summary() == "AG: 20 steps, 56 model rows, 24 of 80 saved vs CFG; cond only at step 9/20"
+    expected = "AG: 20 steps, 56 model rows, 24 of 80 saved vs CFG; cond only at step 9/20"
+    assert hand_made_run(events=(8,)).summary() == expected
     assert hand_made_run(events=(8, 12)).summary().endswith("cond only at step 9/20 (+1 more decisions)")
 
 
@@ -70,8 +72,9 @@ def test_evaluations_sit_at_their_schedule_position(tiny_eps):
 
 
 def test_plot_is_drawn_without_markers_when_nothing_was_decided():
-    from guidance_kit.samplers.stats_plot import HEIGHT, WIDTH, plot_run
     from PIL import ImageStat
+
+    from guidance_kit.samplers.stats_plot import HEIGHT, WIDTH, plot_run
 
     image = plot_run(hand_made_run())
     assert image.size == (WIDTH, HEIGHT) and image.mode == "RGB"
@@ -99,8 +102,8 @@ def test_plot_of_a_run_with_no_evaluations():
 
 def test_run_stats_node_plots_a_reference_guider_run(tiny_eps):
     from guidance_kit.nodes.reference_guider import ReferenceCFGGuider
-    from guidance_kit.nodes.stats_wrappers import stats_sink
     from guidance_kit.nodes.run_stats_node import RunStatsNode
+    from guidance_kit.nodes.stats_wrappers import stats_sink
 
     guider = ReferenceCFGGuider.execute(tiny_eps.patcher, tiny_eps.positive, tiny_eps.negative, 5.0)[0]
     latent = {"samples": sample_guider(guider, tiny_eps.empty_latent(batch=2), steps=6)}
@@ -113,8 +116,8 @@ def test_run_stats_node_plots_a_reference_guider_run(tiny_eps):
 
 
 def test_run_stats_node_accepts_a_patched_model(tiny_eps):
-    from guidance_kit.nodes.stats_wrappers import attach_run_stats
     from guidance_kit.nodes.run_stats_node import RunStatsNode
+    from guidance_kit.nodes.stats_wrappers import attach_run_stats
 
     model = tiny_eps.patcher.clone()
     attach_run_stats(model, "patched")

@@ -128,4 +128,5 @@ def test_shipped_linear_ag_calibration_belongs_to_the_committed_model(toy):
     assert name in calibration_files()
     calibration = LinearAGLoad.execute(name)[0]
     assert calibration.info["model"] == model_identity(toy[0])
-    assert (calibration.info["sampler"], calibration.info["scheduler"], calibration.info["steps"]) == ("euler", "simple", 20)
+    info = calibration.info
+    assert (info["sampler"], info["scheduler"], info["steps"]) == ("euler", "simple", 20)

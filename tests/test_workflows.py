@@ -5,8 +5,6 @@ from pathlib import Path
 
 import pytest
 
-from harness.server import ComfyServer
-
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 
@@ -14,12 +12,6 @@ WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 def ui_nodes(workflow: dict) -> list[dict]:
     return workflow["nodes"] + [node for subgraph in workflow.get("definitions", {}).get("subgraphs", [])
                                 for node in subgraph.get("nodes", [])]
-
-
-@pytest.fixture(scope="module")
-def server():
-    with ComfyServer() as running:
-        yield running
 
 
 def test_there_are_workflows():
@@ -38,14 +30,14 @@ def test_workflow_is_ui_format_on_the_toy_model(path):
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_comfy_run_executes_the_workflow(server, path):
-    registered = server.get("/object_info").keys()
+def test_comfy_run_executes_the_workflow(comfy_server, path):
+    registered = comfy_server.get("/object_info").keys()
     missing = {node["type"] for node in ui_nodes(json.loads(path.read_text()))} - registered
     assert not missing, f"{path.name} uses unregistered nodes {sorted(missing)}"
-    before = server.get("/history").keys()
-    result = server.comfy_cli_run(path, timeout=300)
+    before = comfy_server.get("/history").keys()
+    result = comfy_server.comfy_cli_run(path, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    new = [entry for prompt_id, entry in server.get("/history").items() if prompt_id not in before]
+    new = [entry for prompt_id, entry in comfy_server.get("/history").items() if prompt_id not in before]
     assert len(new) == 1 and new[0]["status"]["status_str"] == "success", json.dumps(new)[:3000]
     images = [image for output in new[0]["outputs"].values() for image in output.get("images", [])]
     assert images, f"{path.name} produced no image"

@@ -19,7 +19,7 @@ except ImportError:  # run as a script by torchrun / accelerate launch
 
 FORMAT = "guidance_kit.test_heads/1"
 WIDTH, OUTPUTS, HEADS = 8, 4, 3
-SETTINGS = training.TrainSettings(steps=24, batch_size=16, lr=0.03, weight_decay=0.01, warmup_steps=2, seed=7)
+SETTINGS = training.TrainSettings(steps=24, batch_size=16, lr=0.1, weight_decay=0.01, warmup_steps=2, seed=7)
 
 
 def teacher(seed: int = 0) -> torch.nn.Linear:
@@ -40,12 +40,15 @@ def heads(seed: int = 0) -> dict:
             "scale": torch.nn.Parameter(torch.full((HEADS,), 0.5))}
 
 
-def loss_fn(trainables: dict, model: torch.nn.Linear, settings: training.TrainSettings = SETTINGS, crash_at=None):
-    """Mean squared error of the heads over rows ``rows`` of step ``step``'s global batch."""
+def loss_fn(trainables: dict, model: torch.nn.Linear, settings: training.TrainSettings = SETTINGS, crash_at=None,
+            dropout: float = 0.0):
+    """Mean squared error of the heads over rows ``rows`` of step ``step``'s global batch (``dropout`` draws from
+    torch's global RNG)."""
     def loss(step: int, rows: slice) -> torch.Tensor:
         if step == crash_at:
             raise KeyboardInterrupt(f"interrupted at step {step}")
         inputs = torch.randn(settings.batch_size, WIDTH, generator=training.step_generator(settings.seed, step))[rows]
+        inputs = torch.nn.functional.dropout(inputs, dropout)
         targets = model(inputs).view(-1, HEADS, OUTPUTS)
         outputs = torch.stack([scale * head(inputs) for head, scale in zip(trainables["heads"], trainables["scale"])],
                               dim=1)
@@ -64,10 +67,10 @@ def main(argv=None) -> None:
         def run(trainables, should_stop=None):
             return training.train(trainables, loss_fn(trainables, model), SETTINGS, context, identity=identity(model),
                                   checkpoint=args.checkpoint, should_stop=should_stop)
-        trainables = heads()
+        trainables = heads(seed=context.rank)  # unsynchronised on purpose: train() broadcasts rank 0's
         if args.stop_at is not None:
             assert not run(trainables, lambda step: step >= args.stop_at).completed
-            trainables = heads(seed=1)
+            trainables = heads(seed=10 + context.rank)
         result = run(trainables)
         if context.is_main:
             training.save_trained(args.out, trainables, FORMAT, identity(model) | {"world_size": context.world_size},

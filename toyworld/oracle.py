@@ -63,9 +63,10 @@ def _neighbourhood_max(array):
 
 
 def half_max_core(mask, image, colour, unclaimed):
-    """Pixels of the component, or next to it and ``unclaimed`` by any colour, at least half as strong as its peak along the
-    background->colour axis: the half-maximum contour of a blurred shape follows the sharp
-    shape's edge, also where blurred edge pixels fell outside the colour's palette radius."""
+    """Pixels of the component, or next to it and ``unclaimed`` by any colour, at least half as strong
+    as its peak along the background->colour axis: the half-maximum contour of a blurred shape
+    follows the sharp shape's edge, also where blurred edge pixels fell outside the colour's
+    palette radius."""
     background = np.array(scenes.BACKGROUND, np.float32)
     axis = np.array(scenes.PALETTE[colour], np.float32) - background
     strength = (image.astype(np.float32) - background) @ axis / (axis @ axis)

@@ -39,7 +39,8 @@ def euler_sample(dit, text_encoder, prompts, cfg=4.0, steps=20, seed=0):
         if cfg == 1.0:
             velocity = dit(x, timesteps, cond)
         else:
-            v_cond, v_uncond = dit(torch.cat([x, x]), torch.cat([timesteps, timesteps]), torch.cat([cond, uncond])).chunk(2)
+            both = dit(torch.cat([x, x]), torch.cat([timesteps, timesteps]), torch.cat([cond, uncond]))
+            v_cond, v_uncond = both.chunk(2)
             velocity = v_uncond + cfg * (v_cond - v_uncond)
         x = x + (sigma_next - sigma) * velocity
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
@@ -55,7 +56,8 @@ def oracle_rates(images, specs):
 
 
 def save_grid(images, path, columns=16, scale=4):
-    rows = [np.concatenate(list(images[i:i + columns]) + [np.zeros_like(images[0])] * (columns - len(images[i:i + columns])), axis=1)
+    padding = [np.zeros_like(images[0])]
+    rows = [np.concatenate(list(images[i:i + columns]) + padding * (columns - len(images[i:i + columns])), axis=1)
             for i in range(0, len(images), columns)]
     grid = Image.fromarray(np.concatenate(rows, axis=0))
     grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST).save(path)

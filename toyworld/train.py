@@ -256,10 +256,12 @@ def run_stage(run, loss_fn, seed, stage_index, batch, log_every, stop_at=None, k
 
 def train_main(args, cycles):
     dit, text_encoder = ToyDiT(**MAIN_DIT), ToyTextEncoder(**TEXT_ENCODER)
-    run = StageRun("main", {"diffusion_model": dit, "text_encoder": text_encoder}, cycles, LEARNING_RATE["main"], args.work)
+    run = StageRun("main", {"diffusion_model": dit, "text_encoder": text_encoder}, cycles, LEARNING_RATE["main"],
+                   args.work)
     loss = run_stage(run, lambda batch, g: flow_matching_loss(dit, text_encoder, batch, g),
                      args.seed, 0, args.batch or DEFAULT_BATCH["main"], args.log_every, args.stop_at)
-    weights.save_modules(Path(args.out) / weights.MAIN_WEIGHTS.name, run.ema, {"steps": str(run.steps), "seed": str(args.seed)})
+    weights.save_modules(Path(args.out) / weights.MAIN_WEIGHTS.name, run.ema,
+                         {"steps": str(run.steps), "seed": str(args.seed)})
     return loss
 
 
@@ -270,7 +272,8 @@ def train_weak(args, cycles):
     run = StageRun("weak", {"diffusion_model": dit}, cycles, LEARNING_RATE["weak"], args.work)
     loss = run_stage(run, lambda batch, g: flow_matching_loss(dit, text_encoder, batch, g),
                      args.seed, 1, args.batch or DEFAULT_BATCH["weak"], args.log_every, args.stop_at)
-    weights.save_modules(Path(args.out) / weights.WEAK_WEIGHTS.name, run.ema, {"steps": str(run.steps), "seed": str(args.seed)})
+    weights.save_modules(Path(args.out) / weights.WEAK_WEIGHTS.name, run.ema,
+                         {"steps": str(run.steps), "seed": str(args.seed)})
     return loss
 
 

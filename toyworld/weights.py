@@ -57,7 +57,8 @@ def load_checked(module_cls, path, prefix, config_key=None):
     problems += [f"shape of {prefix}.{key}: file {tuple(tensors[key].shape)} != model {tuple(expected[key].shape)}"
                  for key in sorted(tensors) if tensors[key].shape != expected[key].shape]
     if problems:
-        shown = "; ".join(problems[:MAX_REPORTED]) + (f"; and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else "")
+        more = len(problems) - MAX_REPORTED
+        shown = "; ".join(problems[:MAX_REPORTED]) + (f"; and {more} more" if more > 0 else "")
         raise ValueError(f"{path}: weights do not match {module_cls.__name__}: {shown}")
     module.load_state_dict({key: value.float() for key, value in tensors.items()})
     return module.eval()

@@ -1,42 +1,21 @@
 """Browser tests: the real ComfyUI frontend (comfyui-frontend-package) served by a test server,
 driven by headless Debian Chromium through Playwright.  Dependencies: scripts/install_browser.sh
 (run by `make test` / `make test-browser`)."""
-import json
 from pathlib import Path
 
 import pytest
 
-from harness.server import ComfyServer
-
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 VIEWPORT = {"width": 1920, "height": 1080}
-# A first visit without the template browser, the "Nodes 2.0" banner and the minimap over the graph,
-# and with node text drawn at any zoom (screenshots fit the whole workflow).
-FRESH_USER_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False,
-                       "LiteGraph.Canvas.MinFontSizeForLOD": 0}
 DISMISS_BANNERS = "localStorage.setItem('vueNodesBannerDismissed', 'true');"
 FRONTEND_READY = "() => window.app?.graph && window.LiteGraph?.registered_node_types?.GuidanceKitRunStats"
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "browser: drives the real ComfyUI frontend in headless Chromium")
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
         if Path(str(item.fspath)).parent == Path(__file__).parent:
             item.add_marker(pytest.mark.browser)
-
-
-@pytest.fixture(scope="session")
-def browser_server():
-    server = ComfyServer()
-    settings = server.workdir / "user" / "default" / "comfy.settings.json"
-    settings.parent.mkdir(parents=True)
-    settings.write_text(json.dumps(FRESH_USER_SETTINGS))
-    with server as running:
-        yield running
 
 
 @pytest.fixture(scope="session")
@@ -54,14 +33,14 @@ def chromium():
 
 
 @pytest.fixture(scope="session")
-def page(chromium, browser_server):
+def page(chromium, comfy_server):
     """The frontend, loaded once (a fresh context: Playwright gives each its own empty profile)."""
     context = chromium.new_context(viewport=VIEWPORT)
     context.add_init_script(DISMISS_BANNERS)
     page = context.new_page()
     page.errors = []
     page.on("pageerror", lambda error: page.errors.append(str(error)))
-    page.goto(browser_server.url)
+    page.goto(comfy_server.url)
     page.wait_for_function(FRONTEND_READY, timeout=180_000)
     yield page
     context.close()

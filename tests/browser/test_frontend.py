@@ -75,8 +75,8 @@ def wait_until(page, predicate: str, arg=None, seconds: float = 10) -> bool:
     return page.evaluate(POLL, [predicate, arg, seconds * 1000])
 
 
-def test_extension_is_served_and_registered(page, browser_server):
-    assert EXTENSION_URL in browser_server.get("/extensions")
+def test_extension_is_served_and_registered(page, comfy_server):
+    assert EXTENSION_URL in comfy_server.get("/extensions")
     names = page.evaluate("() => app.extensions.map((e) => e.name)")
     assert EXTENSION_NAME in names, "web/guidance_kit.js did not register its extension"
     assert not [e for e in page.errors if "guidance_kit" in e], page.errors
@@ -112,10 +112,12 @@ def test_workflow_loads_runs_and_shows_summaries(page, path):
     for node_id in run_stats_ids:
         assert shown[node_id]["text"] in sent.values(), f"Run Stats summary not shown: {shown[node_id]}"
         assert shown[node_id]["visible"], f"summary hidden: {shown[node_id]}"
-    saved = dict(page.evaluate("() => app.graph.serialize().nodes.map((n) => [String(n.id), n.widgets_values ?? null])"))
+    saved = dict(page.evaluate(
+        "() => app.graph.serialize().nodes.map((n) => [String(n.id), n.widgets_values ?? null])"))
     for node in workflow["nodes"]:
         if str(node["id"]) in shown:
-            assert (saved[str(node["id"])] or []) == node.get("widgets_values", []), "the summary leaked into the workflow"
+            assert (saved[str(node["id"])] or []) == node.get("widgets_values", []), \
+                "the summary leaked into the workflow"
 
     wait_until(page, PREVIEWS_LOADED, seconds=10)  # a screenshot without the previews is still worth keeping
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
