@@ -166,21 +166,30 @@ class DeeDiffTechnique(Technique):
         return DeeDiffRun(self.trained.heads, self.threshold)
 
     def patch(self, patched, key: str) -> None:
+        """Block replacements on every block (wrapping another pack's; replacing an earlier DeeDiff's) and the
+        per-call APPLY_MODEL wrapper."""
         forward_key = f"{key}.forward"
         existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
         for index in range(self.arch.blocks):
-            replacement = _exit_block(index, existing.get((self.arch.block_kind, index)), forward_key)
+            previous = existing.get((self.arch.block_kind, index))
+            if hasattr(previous, "deediff_key"):  # DeeDiff again: this installation replaces the earlier one
+                patched.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, previous.deediff_key)
+                previous = previous.previous
+            replacement = _exit_block(index, previous, forward_key)
+            replacement.deediff_key, replacement.previous = key, previous
             patched.set_model_patch_replace(replacement, "dit", self.arch.block_kind, index)
         patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, key, _exits_per_call(self.arch, key, forward_key))
 
 
 def _exit_block(index: int, previous, forward_key: str):
-    """Block replacement ``index``: DeeDiff's ``run_block`` around ``previous`` (another replacement) or the block."""
+    """Block replacement ``index``: DeeDiff's ``run_block`` around ``previous`` (another replacement) or the block.
+    Called outside a sampling run, or on a batch other than the model call's (another pack sub-batching), it
+    runs the block unchanged."""
     def replace(args, extra):
         original = extra["original_block"]
         chain = original if previous is None else (lambda sub: previous(sub, extra))
         forward = args.get("transformer_options", {}).get(forward_key)
-        if forward is None:
+        if forward is None or args["img"].shape[0] != forward[0].batch:
             return chain(args)
         exits, heads, threshold = forward
         return deediff.run_block(index, args, chain, heads, threshold, exits)

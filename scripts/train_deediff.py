@@ -55,6 +55,7 @@ def main(argv=None) -> None:
     parser.add_argument("--prompts", help="a text file, one prompt per line (default: the toy world's training "
                                           "prompts, disjoint from its dev and validation sets)")
     parser.add_argument("--max-prompts", type=int, default=0, help="use only the first N prompts (0: all)")
+    parser.add_argument("--every", type=int, default=1, help="use every n-th prompt (before --max-prompts)")
     parser.add_argument("--negative", default="")
     parser.add_argument("--images-per-prompt", type=int, default=4)
     parser.add_argument("--size", type=int, default=32, help="image size in pixels for --ckpt models (latent / 8)")
@@ -81,7 +82,7 @@ def main(argv=None) -> None:
 
     model, clip, default_prompts = load(args.ckpt)
     prompts = Path(args.prompts).read_text().splitlines() if args.prompts else default_prompts
-    prompts = [line.strip() for line in prompts if line.strip()][:args.max_prompts or None]
+    prompts = [line.strip() for line in prompts if line.strip()][::args.every][:args.max_prompts or None]
     if not prompts:
         parser.error("no prompts (give --prompts FILE with one prompt per line)")
     if args.ckpt:

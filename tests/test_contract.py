@@ -24,6 +24,7 @@ from comfy_extras.nodes_slg import SkipLayerGuidanceDiTSimple
 from harness.sampling import cfg_guider, sample_guider
 
 STEPS, BATCH, CFG = 3, 2, 4.0
+DEEDIFF_THRESHOLD = 0.9  # some rows exit early, some run every block (so a foreign block 4 patch is reached)
 
 
 @dataclass
@@ -33,6 +34,7 @@ class World:
     composition: list
     negative: list
     calibration: object
+    heads: object
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,10 @@ def world():
     composition = ComposablePrompt.execute(clip, "a red circle AND a blue square", 1.0)[0]
     calibration = calibrate(model, [positive], negative, ToyWorldEmptyLatent.execute(1)[0], seed=0, steps=STEPS,
                             cfg=CFG, sampler_name="euler", scheduler="simple")
-    return World(model, positive, composition, negative, calibration)
+    from guidance_kit.nodes.deediff import DeeDiffLoad
+
+    return World(model, positive, composition, negative, calibration,
+                 DeeDiffLoad.execute("toy_dit_heads.safetensors")[0])
 
 
 @dataclass(frozen=True)
@@ -66,13 +71,13 @@ class Row:
 
 def _nodes():
     from guidance_kit.nodes import adaptive_guidance as ag
-    from guidance_kit.nodes import composable, linear_ag, reference_guider
-    return ag, composable, linear_ag, reference_guider
+    from guidance_kit.nodes import composable, deediff, linear_ag, reference_guider
+    return ag, composable, linear_ag, reference_guider, deediff
 
 
 def _guider(name):
     def build(world, model):
-        ag, composable, linear_ag, reference = _nodes()
+        ag, composable, linear_ag, reference, _ = _nodes()
         if name == "reference":
             return reference.ReferenceCFGGuider.execute(model, world.positive, world.negative, CFG)[0]
         if name == "ag":
@@ -87,7 +92,9 @@ def _guider(name):
 
 def _patch(name):
     def build(world, model):
-        ag, composable, linear_ag, _ = _nodes()
+        ag, composable, linear_ag, _, deediff = _nodes()
+        if name == "deediff":
+            return deediff.DeeDiffModelPatch.execute(model, world.heads, threshold=DEEDIFF_THRESHOLD)[0]
         if name == "ag":
             return ag.AdaptiveGuidanceModelPatch.execute(model, threshold=0.98, measure="auto", start_percent=0.0,
                                                          end_percent=1.0)[0]
@@ -106,6 +113,7 @@ TABLE = [
     Row("LinearAG", _patch("linear_ag"), guider=False),
     Row("Composable Guider", _guider("composable"), guider=True, composes=True),
     Row("Composable", _patch("composable"), guider=False, composes=True),
+    Row("DeeDiff Early Exit", _patch("deediff"), guider=False, uses_slot=False),
 ]
 PATCHES = [row for row in TABLE if not row.guider]
 ids = [row.node for row in TABLE]
@@ -223,6 +231,9 @@ def test_over_comfyui_patches(world, row, comfy_patch):
 def test_comfyui_patches_on_top(world, row):
     assert_image(sample(cfg_guider(_apg(row.build(world, world.model)), row.positive(world), world.negative, CFG)))
     slg_on_top = cfg_guider(_slg(row.build(world, world.model)), row.positive(world), world.negative, CFG)
+    if not row.uses_slot:  # nothing in the calc-cond-batch slot to be replaced
+        assert_image(sample(slg_on_top))
+        return
     message = rf"{row.node}: 'SkipLayerGuidanceDiTSimple' replaced .* apply {row.node} last"
     with pytest.raises(RuntimeError, match=message):
         sample(slg_on_top)
