@@ -278,8 +278,8 @@ def _stack_calls(calls) -> Recording:
                                                    c[2][name].shape[0] == c[0].shape[0] for c in calls):
             shapes = {tuple(c[2][name].shape[1:]) for c in calls}
             if len(shapes) > 1:
-                raise ValueError(f"{TRAIN_NODE}: the prompts' conditioning '{name}' has different shapes {sorted(shapes)}"
-                                 "; use prompts that encode to the same length")
+                raise ValueError(f"{TRAIN_NODE}: the prompts' conditioning '{name}' has different shapes "
+                                 f"{sorted(shapes)}; use prompts that encode to the same length")
             conds[name] = torch.cat([c[2][name] for c in calls])
         else:
             constants[name] = value

@@ -161,6 +161,32 @@ def test_another_block_patch_stays_chained(toy, toy_heads):
     assert seen and sum(seen) == rows[1] < STEPS * 6
 
 
+def test_stacks_with_adaptive_guidance(toy, toy_heads):
+    """AG drops unconditional rows, DeeDiff exits the rows that remain: both savings in one run record."""
+    from guidance_kit.nodes.adaptive_guidance import AdaptiveGuidanceModelPatch
+    from guidance_kit.nodes.deediff import patch_deediff
+
+    model, clip = toy
+    trained, features = toy_heads
+    stacked = patch_deediff(AdaptiveGuidanceModelPatch.execute(model, 0.9, "auto", 0.0, 1.0)[0], trained,
+                            median_confidence(trained, features))
+    _, rows, guider = toy_sample(stacked, clip)
+    run = last_run(guider)
+    assert run.rows < run.baseline_rows  # AG skipped unconditional rows
+    assert sum(e.signals["blocks"] for e in run.evaluations) == sum(rows) < 8 * run.rows  # and DeeDiff exited rows
+
+
+def test_installing_deediff_twice_replaces_the_first(toy, toy_heads):
+    from guidance_kit.nodes.deediff import patch_deediff
+
+    model, clip = toy
+    trained, features = toy_heads
+    once = toy_sample(patch_deediff(model, trained, median_confidence(trained, features)), clip)
+    twice = toy_sample(patch_deediff(patch_deediff(model, trained, 0.0), trained, median_confidence(trained, features)),
+                       clip)
+    assert torch.equal(once[0], twice[0]) and once[1] == twice[1]
+
+
 def test_heads_for_another_model_or_a_unet_are_errors(toy, toy_heads, tiny_eps):
     from guidance_kit.nodes import deediff as adapter
     from guidance_kit.nodes import toyworld
