@@ -1,6 +1,7 @@
 """DeeDiff on real ComfyUI sampling: the toy world DiT and a tiny random SD3 MMDiT, heads trained a few steps by
 the training code; block rows evaluated, exits per row, chained block patches, errors, the train/load nodes and
 ``torchrun`` training."""
+import copy
 import os
 import socket
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import comfy.model_patcher
 import comfy.utils
 import folder_paths
 
@@ -198,9 +200,13 @@ def test_heads_for_another_model_or_a_unet_are_errors(toy, toy_heads, tiny_eps):
     with pytest.raises(ValueError, match=r"DeeDiff Early Exit \(Guidance Kit\): 'heads' were trained for another "
                                          r"model \(blocks 8 \(heads\) vs 4"):
         adapter.patch_deediff(toyworld.load_model(weights.WEAK_WEIGHTS), trained, 0.9)
-    retrained = toy[0].clone()
-    retrained.add_object_patch("diffusion_model", toy[0].model.diffusion_model)  # same weights: accepted
-    adapter.patch_deediff(retrained, trained, 0.9)
+    retrained = copy.deepcopy(toy[0].model)
+    with torch.no_grad():
+        retrained.diffusion_model.blocks[0].attn.proj.weight.add_(1e-3)
+    patcher = comfy.model_patcher.ModelPatcher(retrained, load_device=toy[0].load_device,
+                                               offload_device=toy[0].offload_device)
+    with pytest.raises(ValueError, match=r"'heads' were trained for another model \(weights toy_dit:"):
+        adapter.patch_deediff(patcher, trained, 0.9)
     for bad in (float("nan"), 1.5):
         with pytest.raises(ValueError, match="'threshold'"):
             adapter.patch_deediff(toy[0], trained, bad)
