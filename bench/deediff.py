@@ -26,6 +26,7 @@ Pass rates come with the paired difference to the full model (same prompts and n
 Last line: JSON.
 """
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -38,15 +39,15 @@ CFG_SCALE = 4.0
 STEPS = 20
 SEEDS = 4
 BLOCKS = 8
-THRESHOLDS = (0.8, 0.85, 0.9, 0.93, 0.96)
+THRESHOLDS = (0.6, 0.7, 0.75, 0.8, 0.85)
 CACHE_THRESHOLDS = (0.02, 0.05, 0.1, 0.2, 0.3)
 AG_THRESHOLD = 0.99
-AG_EXIT_THRESHOLDS = (0.85, 0.9, 0.93)
+AG_EXIT_THRESHOLDS = (0.7, 0.8, 0.85)
 TARGET = {"saving": 0.40, "tolerance": 0.02}
 AG_TARGET = {"saving": 0.55, "tolerance": 0.03}
-QUICK_THRESHOLDS = (0.85, 0.9, 0.93)
-QUICK_CACHE_THRESHOLDS = (0.05, 0.1, 0.2)
-QUICK_AG_EXIT_THRESHOLDS = (0.9,)
+QUICK_THRESHOLDS = (0.7, 0.8)
+QUICK_CACHE_THRESHOLDS = (0.05, 0.1)
+QUICK_AG_EXIT_THRESHOLDS = (0.8,)
 HEADS = Path(__file__).resolve().parent.parent / "toyworld" / "deediff" / "toy_dit_heads.safetensors"
 
 
@@ -176,6 +177,7 @@ def sweep(world, prompts, configurations: dict, reference=None) -> tuple[dict, o
         result = runner.run(world, name, make_guider, prompts, seeds=SEEDS, steps=STEPS)
         reference = reference or result
         table[name] = block_figures(result, reference, len(prompts))
+        print(json.dumps({name: table[name]}, sort_keys=True), file=sys.stderr, flush=True)
     return table, reference
 
 

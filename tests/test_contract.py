@@ -24,7 +24,7 @@ from comfy_extras.nodes_slg import SkipLayerGuidanceDiTSimple
 from harness.sampling import cfg_guider, sample_guider
 
 STEPS, BATCH, CFG = 3, 2, 4.0
-DEEDIFF_THRESHOLD = 0.9  # some rows exit early, some run every block (so a foreign block 4 patch is reached)
+DEEDIFF_THRESHOLD = 0.8  # some rows exit early, some run every block (so a foreign block 4 patch is reached)
 
 
 @dataclass
