@@ -19,6 +19,7 @@
   record gets ``exit_depth`` (blocks run, per model row), ``blocks`` and ``full_blocks`` (block-rows
   evaluated and what the full model would have evaluated).
 """
+import hashlib
 import logging
 import math
 import os
@@ -374,6 +375,11 @@ def heads_files() -> list[str]:
             if not name.replace("\\", "/").startswith(CHECKPOINT_SUBFOLDER + "/")]
 
 
+def prompts_fingerprint(prompts: list[str], negative: str) -> str:
+    """Identity of a prompt list and negative prompt (a checkpoint resumes only for the same ones)."""
+    return hashlib.sha256("\n".join([negative, *prompts]).encode()).hexdigest()[:16]
+
+
 def encode(clip, text):
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
@@ -439,7 +445,8 @@ class DeeDiffTrain(io.ComfyNode):
         recorded_rows = min(training_rows, len(lines) * sample_steps * 2 * int(latent["samples"].shape[0]))
         before_training = len(lines) * sample_steps + recorded_rows
         progress = comfy.utils.ProgressBar(before_training + train_steps, node_id=node_id_of(cls))
-        data = {"prompts": len(lines), "images": len(lines) * int(latent["samples"].shape[0]), "rows": training_rows,
+        data = {"prompts": len(lines), "prompts_fingerprint": prompts_fingerprint(lines, negative_prompt),
+                "images": len(lines) * int(latent["samples"].shape[0]), "rows": training_rows,
                 "sampler": sampler_name,
                 "scheduler": scheduler, "sample_steps": sample_steps, "cfg": cfg, "denoise": denoise,
                 "negative_prompt": negative_prompt}

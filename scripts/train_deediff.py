@@ -113,7 +113,8 @@ def main(argv=None) -> None:
             bar.set_postfix(loss=f"{loss:.4g}")
             bar.refresh()
 
-        data = {"prompts": len(prompts), "images": len(prompts) * args.images_per_prompt, "rows": args.rows,
+        data = {"prompts": len(prompts), "prompts_fingerprint": adapter.prompts_fingerprint(prompts, args.negative),
+                "images": len(prompts) * args.images_per_prompt, "rows": args.rows,
                 "sampler": args.sampler,
                 "scheduler": args.scheduler, "sample_steps": args.sample_steps, "cfg": args.cfg, "denoise": 1.0,
                 "negative_prompt": args.negative}
