@@ -19,7 +19,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.append(str(REPO))
 
-from harness.comfy_host import comfyui_dir
+from harness.comfy_host import comfyui_dir  # noqa: E402
 
 
 def boot(cpu: bool) -> None:
