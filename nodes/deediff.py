@@ -17,7 +17,7 @@
   ``ForwardExits`` per model call inside a sampling run.  Rows exit independently (cond and uncond
   rows of CFG too); exited rows are left out of later blocks' sub-batches.  Per evaluation the run
   record gets ``exit_depth`` (blocks run, per model row), ``blocks`` and ``full_blocks`` (block-rows
-  evaluated and what the full model would have evaluated).
+  evaluated and what the full model would have evaluated), and the run's first early exit is marked.
 """
 import hashlib
 import logging
@@ -144,10 +144,11 @@ def load_heads(path, where: str) -> TrainedHeads:
 # ---------------------------------------------------------------- exits while sampling
 
 class DeeDiffRun:
-    """Per-run state: the heads on the sampling device."""
+    """Per-run state: the heads on the sampling device, and whether the run's first exit has been marked."""
 
     def __init__(self, heads: deediff.UncertaintyHeads, threshold: float):
         self.heads, self.threshold = heads, threshold
+        self.exited = False
 
     def heads_on(self, device) -> deediff.UncertaintyHeads:
         if next(self.heads.parameters()).device != torch.device(device):
@@ -213,6 +214,10 @@ def _exits_per_call(arch: Architecture, key: str, forward_key: str):
             run.signal(exit_depth=signals.get("exit_depth", []) + exits.blocks_run.tolist(),
                        blocks=signals.get("blocks", 0) + exits.block_rows,
                        full_blocks=signals.get("full_blocks", 0) + exits.full_block_rows)
+            if not state.exited and exits.block_rows < exits.full_block_rows:
+                state.exited = True
+                run.mark(f"first early exit ({int((exits.blocks_run < arch.blocks).sum())} of {exits.batch} rows, "
+                         f"earliest after block {int(exits.blocks_run.min())})")
         return out
     return wrapper
 

@@ -125,6 +125,7 @@ def test_threshold_one_is_the_full_model(toy, toy_heads):
     assert rows == full_rows == [STEPS * 2 * 3] * 8
     run = last_run(guider)
     assert all(e.signals["blocks"] == e.signals["full_blocks"] == 6 * 8 for e in run.evaluations)
+    assert run.events == []
 
 
 def test_rows_exit_on_their_own_and_skip_the_remaining_blocks(toy, toy_heads):
@@ -144,6 +145,7 @@ def test_rows_exit_on_their_own_and_skip_the_remaining_blocks(toy, toy_heads):
     assert any(d[:3] != d[3:] for d in depths)  # cond rows [:3] and uncond rows [3:] exit independently
     assert 0 < float((samples - reference).abs().mean()) < 0.5
     assert "exit_depth" in signal_curves(run)  # the Run Stats plot draws a panel of exit depth per step
+    assert [label for _, label in run.events][0].startswith("first early exit") and len(run.events) == 1
 
 
 def test_another_block_patch_stays_chained(toy, toy_heads):
