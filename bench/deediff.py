@@ -20,8 +20,8 @@ the full model's; the most saving threshold if none is), likewise AG + DeeDiff (
 threshold whose dev blocks are closest to the chosen DeeDiff's; validation figures are reported for those choices.
 Pass rates come with the paired difference to the full model (same prompts and noise) and its standard error.
 ``exit_depth_by_step``: mean blocks run per model row at each step (validation, chosen threshold).
-``--quick``: validation only (every other prompt) at the ``DEFAULT_*`` settings, without AG alone; ``--every n``: every n-th prompt
-of each set (the sets list single, relation, then mirror prompts, so every kind stays in).
+``--quick``: validation only (every other prompt) at the ``DEFAULT_*`` settings, without AG alone;
+``--every n``: every n-th prompt of each set (the sets list single, relation, then mirror prompts, so every kind stays in).
 
 Last line: JSON.
 """
