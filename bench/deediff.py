@@ -21,7 +21,8 @@ threshold whose dev blocks are closest to the chosen DeeDiff's; validation figur
 Pass rates come with the paired difference to the full model (same prompts and noise) and its standard error.
 ``exit_depth_by_step``: mean blocks run per model row at each step (validation, chosen threshold).
 ``--quick``: validation only (every other prompt) at the ``DEFAULT_*`` settings, without AG alone;
-``--every n``: every n-th prompt of each set (the sets list single, relation, then mirror prompts, so every kind stays in).
+``--every n``: every n-th prompt of each set (the sets list single, relation, then mirror prompts, so every kind
+stays in).
 
 Last line: JSON.
 """
