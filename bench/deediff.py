@@ -20,7 +20,8 @@ the full model's; the most saving threshold if none is), likewise AG + DeeDiff (
 threshold whose dev blocks are closest to the chosen DeeDiff's; validation figures are reported for those choices.
 Pass rates come with the paired difference to the full model (same prompts and noise) and its standard error.
 ``exit_depth_by_step``: mean blocks run per model row at each step (validation, chosen threshold).
-``--quick``: validation only (every other prompt) at the ``DEFAULT_*`` settings, without AG alone;
+``--quick``: validation only (every other prompt) at the ``DEFAULT_*`` settings, without AG alone, the cache peer
+at the ``QUICK_CACHE_THRESHOLDS`` value whose blocks are closest to DeeDiff's;
 ``--every n``: every n-th prompt of each set (the sets list single, relation, then mirror prompts, so every kind
 stays in).
 
@@ -49,7 +50,7 @@ AG_TARGET = {"saving": 0.55, "tolerance": 0.03}
 # --quick: validation only at these settings, chosen on dev prompts by the offline probe of the README (exits
 # simulated on recorded rows: 0.7 is the lowest threshold whose mean exit error stays near 0.2).
 DEFAULT_THRESHOLD = 0.7
-DEFAULT_CACHE_THRESHOLD = 0.1
+QUICK_CACHE_THRESHOLDS = (0.25, 0.5)  # the one at the blocks closest to DeeDiff's is the matched peer
 DEFAULT_AG_EXIT_THRESHOLD = 0.8
 HEADS = Path(__file__).resolve().parent.parent / "toyworld" / "deediff" / "toy_dit_heads.safetensors"
 
@@ -84,7 +85,8 @@ def exit_config(heads, threshold: float, ag_threshold: float | None = None, dept
 
     def make(model, positive, negative):
         if ag_threshold is not None:
-            model = patch_adaptive_guidance(model, ag_threshold, "auto", 0.0, 1.0)
+            model = patch_adaptive_guidance(model, threshold=ag_threshold, measure="auto",
+                                            start_percent=0.0, end_percent=1.0)
         guider = cfg_guider(patch_deediff(model, heads, threshold), positive, negative, CFG_SCALE)
         return depth.keep(guider) if depth is not None else guider
     return make
@@ -162,8 +164,8 @@ def ag_config(threshold: float):
     from guidance_kit.nodes.adaptive_guidance import patch_adaptive_guidance
     from guidance_kit.nodes.guiders import cfg_guider
 
-    return lambda model, positive, negative: cfg_guider(patch_adaptive_guidance(model, threshold, "auto", 0.0, 1.0),
-                                                        positive, negative, CFG_SCALE)
+    return lambda model, positive, negative: cfg_guider(patch_adaptive_guidance(
+        model, threshold=threshold, measure="auto", start_percent=0.0, end_percent=1.0), positive, negative, CFG_SCALE)
 
 
 def block_figures(result, reference, prompts: int) -> dict:
@@ -204,7 +206,7 @@ def main() -> None:
     out = {"cfg_scale": CFG_SCALE, "steps": STEPS, "seeds": SEEDS, "blocks_per_row": BLOCKS,
            "ag_threshold": AG_THRESHOLD, "every_nth_prompt": every}
     if args.quick:
-        threshold, cache, ag_exit = DEFAULT_THRESHOLD, DEFAULT_CACHE_THRESHOLD, DEFAULT_AG_EXIT_THRESHOLD
+        threshold, ag_exit = DEFAULT_THRESHOLD, DEFAULT_AG_EXIT_THRESHOLD
     else:
         configurations = {"full": runner.cfg(CFG_SCALE)}
         configurations |= {f"exit_{t}": exit_config(heads, t) for t in THRESHOLDS}
@@ -219,10 +221,16 @@ def main() -> None:
     depth = DepthByStep()
     prompts = runner.prompt_set("validation", False)[::every]
     configurations = {"full": runner.cfg(CFG_SCALE), "exit": exit_config(heads, threshold, depth=depth),
-                      "cache": cache_config(cache), "ag_exit": exit_config(heads, ag_exit, AG_THRESHOLD)}
-    if not args.quick:
-        configurations["ag"] = ag_config(AG_THRESHOLD)
+                      "ag_exit": exit_config(heads, ag_exit, AG_THRESHOLD)}
+    if args.quick:
+        configurations |= {f"cache_{t}": cache_config(t) for t in QUICK_CACHE_THRESHOLDS}
+    else:
+        configurations |= {"cache": cache_config(cache), "ag": ag_config(AG_THRESHOLD)}
     validation, _ = sweep(world, prompts, configurations)
+    if args.quick:  # the peer at matched compute: the cache threshold whose blocks are closest to DeeDiff's
+        cache = min(QUICK_CACHE_THRESHOLDS, key=lambda t: abs(validation[f"cache_{t}"]["blocks"] -
+                                                              validation["exit"]["blocks"]))
+        validation["cache"] = validation[f"cache_{cache}"]
     out["validation"] = validation
     full, exit_, peer, ag_exit_figures = (validation[k] for k in ("full", "exit", "cache", "ag_exit"))
     out.update(
