@@ -25,6 +25,8 @@ at the ``QUICK_CACHE_THRESHOLDS`` value whose blocks are closest to DeeDiff's;
 ``--every n``: every n-th prompt of each set (the sets list single, relation, then mirror prompts, so every kind
 stays in).
 
+``--probe``: why exits cost quality on the toy model (``probe``); ``--timing``: wall time, interleaved.
+
 Last line: JSON.
 """
 import argparse
@@ -193,16 +195,81 @@ def choose(dev: dict, candidates: list[str], target: dict) -> str:
     return max(within or candidates, key=lambda name: dev[name]["blocks_saved"])
 
 
+def probe(world, heads, prompts, thresholds=(0.7, 0.75, 0.8, 0.85, 0.88, 0.9)) -> dict:
+    """Every exit's prediction through the shared head against the final one, on the recorded model rows of
+    full-CFG runs of ``prompts``: mean |error| and mean confidence per exit, their correlation, and the blocks
+    and mean exit error a threshold gives when exits are simulated on those rows."""
+    import torch
+
+    from guidance_kit.nodes import deediff as adapter
+    from guidance_kit.nodes.toyworld import ToyWorldEmptyLatent
+    from guidance_kit.samplers import deediff
+
+    recording = adapter.record_model_inputs(world.model, [world.encode(p) for p, _ in prompts], world.encode(""),
+                                            ToyWorldEmptyLatent.execute(SEEDS)[0], seed=0, steps=STEPS, cfg=CFG_SCALE,
+                                            sampler_name="euler", scheduler="simple")
+    arch = adapter.architecture(world.model, "probe")
+    confidences, errors = [], []
+    for part in torch.arange(len(recording)).split(64):
+        hidden, vec = adapter.block_outputs(world.model, arch, *recording.rows(part))
+        with torch.no_grad():
+            predictions = [arch.output_tokens(h, vec) for h in hidden]
+            confidences.append(torch.stack([deediff.confidence(heads.heads(i, hidden[i], vec))
+                                            for i in range(heads.heads.exits)], 1))
+            errors.append(torch.stack([(p - predictions[-1]).abs().flatten(1).mean(1) for p in predictions[:-1]], 1))
+    confidence, error = torch.cat(confidences), torch.cat(errors)
+    simulated = {}
+    for threshold in thresholds:
+        reached = confidence >= threshold
+        depth = torch.where(reached.any(1), reached.float().argmax(1) + 1, torch.full((len(confidence),), BLOCKS))
+        exit_error = [float(error[row, d - 1]) if d < BLOCKS else 0.0 for row, d in enumerate(depth.tolist())]
+        simulated[str(threshold)] = {"blocks_saved": round(1 - float(depth.float().mean()) / BLOCKS, 4),
+                                     "mean_exit_error": round(sum(exit_error) / len(exit_error), 4)}
+    return {"rows": len(recording), "exit_error": [round(float(e), 4) for e in error.mean(0)],
+            "exit_confidence": [round(float(c), 3) for c in confidence.mean(0)],
+            "confidence_error_correlation": [round(float(torch.corrcoef(torch.stack([confidence[:, i], -error[:, i]]))
+                                                          [0, 1]), 3) for i in range(error.shape[1])],
+            "simulated": simulated}
+
+
+def interleaved_timing(world, heads, prompt: str, threshold: float, cache: float, rounds: int = 4) -> dict:
+    """Wall time of full / DeeDiff / First-Block-Cache sampling one prompt in turn, ``rounds`` times (load drift on
+    a shared machine hits all three alike): the median per-round ratio to the full model."""
+    import statistics
+    import time
+
+    from guidance_kit.nodes.toyworld import ToyWorldEmptyLatent
+    from harness.sampling import sample_guider
+
+    configurations = {"full": runner.cfg(CFG_SCALE), "exit": exit_config(heads, threshold),
+                      "cache": cache_config(cache)}
+    seconds = {name: [] for name in configurations}
+    for round_ in range(rounds):
+        for name, make in configurations.items():
+            guider = make(world.model, world.encode(prompt), world.encode(""))
+            start = time.perf_counter()
+            sample_guider(guider, ToyWorldEmptyLatent.execute(SEEDS)[0], steps=STEPS, scheduler="simple", seed=round_)
+            seconds[name].append(round(time.perf_counter() - start, 3))
+    return {"seconds": seconds, "median_ratio": {name: round(statistics.median(
+        t / f for t, f in zip(times, seconds["full"])), 3) for name, times in seconds.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="validation only, half its prompts, default settings")
     parser.add_argument("--every", type=int, default=0, help="every n-th prompt of each set (default: all; --quick 2)")
+    parser.add_argument("--probe", action="store_true", help="only the exit-error probe on every 13th dev prompt")
+    parser.add_argument("--timing", action="store_true", help="only the interleaved wall-time measurement")
     args = parser.parse_args()
     every = args.every or (2 if args.quick else 1)
     world = runner.load_world()
     from guidance_kit.nodes.deediff import LOAD_NODE, load_heads
 
     heads = load_heads(HEADS, LOAD_NODE)
+    if args.probe or args.timing:
+        runner.emit(probe(world, heads, runner.prompt_set("dev", False)[::13]) if args.probe else interleaved_timing(
+            world, heads, runner.prompt_set("validation", False)[0][0], DEFAULT_THRESHOLD, QUICK_CACHE_THRESHOLDS[0]))
+        return
     out = {"cfg_scale": CFG_SCALE, "steps": STEPS, "seeds": SEEDS, "blocks_per_row": BLOCKS,
            "ag_threshold": AG_THRESHOLD, "every_nth_prompt": every}
     if args.quick:
