@@ -25,6 +25,7 @@ from comfy_extras.nodes_slg import SkipLayerGuidanceDiTSimple
 from harness.sampling import cfg_guider, sample_guider
 
 STEPS, BATCH, CFG = 3, 2, 4.0
+DEEDIFF_THRESHOLD = 0.8  # some rows exit early, some run every block (so a foreign block 4 patch is reached)
 
 
 @dataclass
@@ -37,6 +38,7 @@ class World:
     clip: object = None
     weak: object = None
     classifier: object = None
+    heads: object = None
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +54,11 @@ def world():
     calibration = calibrate(model, [positive], negative, ToyWorldEmptyLatent.execute(1)[0], seed=0, steps=STEPS,
                             cfg=CFG, sampler_name="euler", scheduler="simple")
     from guidance_kit.nodes.classifier import TOY_CHOICE, LoadClassifier
+    from guidance_kit.nodes.deediff import DeeDiffLoad
 
     weak = ToyWorldLoader.execute("toy_dit_weak.safetensors")[0]
     return World(model, positive, composition, negative, calibration, clip, weak,
-                 LoadClassifier.execute(TOY_CHOICE, "auto")[0])
+                 LoadClassifier.execute(TOY_CHOICE, "auto")[0], DeeDiffLoad.execute("toy_dit_heads.safetensors")[0])
 
 
 @dataclass(frozen=True)
@@ -80,8 +83,8 @@ class Row:
 
 def _nodes():
     from guidance_kit.nodes import adaptive_guidance as ag
-    from guidance_kit.nodes import composable, linear_ag, reference_guider
-    return ag, composable, linear_ag, reference_guider
+    from guidance_kit.nodes import composable, deediff, linear_ag, reference_guider
+    return ag, composable, linear_ag, reference_guider, deediff
 
 
 def _gfcg_options(world, weak: bool) -> dict:
@@ -110,7 +113,7 @@ def _reference_guidance(name, guider):
 
 def _guider(name):
     def build(world, model):
-        ag, composable, linear_ag, reference = _nodes()
+        ag, composable, linear_ag, reference, _ = _nodes()
         if name == "reference":
             return reference.ReferenceCFGGuider.execute(model, world.positive, world.negative, CFG)[0]
         if name == "ag":
@@ -125,7 +128,9 @@ def _guider(name):
 
 def _patch(name):
     def build(world, model):
-        ag, composable, linear_ag, _ = _nodes()
+        ag, composable, linear_ag, _, deediff = _nodes()
+        if name == "deediff":
+            return deediff.DeeDiffModelPatch.execute(model, world.heads, threshold=DEEDIFF_THRESHOLD)[0]
         if name == "ag":
             return ag.AdaptiveGuidanceModelPatch.execute(model, threshold=0.98, measure="auto", start_percent=0.0,
                                                          end_percent=1.0)[0]
@@ -180,6 +185,8 @@ TABLE = [
         other_family_error=WEAK_FAMILY),
     Row("PPAP Guider", _ppap(guider=True), guider=True, uses_slot=False, other_family_error=PPAP_FAMILY),
     Row("PPAP Guidance", _ppap(guider=False), guider=False, uses_slot=False, other_family_error=PPAP_FAMILY),
+    Row("DeeDiff Early Exit", _patch("deediff"), guider=False, uses_slot=False,
+        other_family_error="'(model' is a .* network|heads' were trained for another model)"),
 ]
 PATCHES = [row for row in TABLE if not row.guider]
 ids = [row.node for row in TABLE]
@@ -297,7 +304,7 @@ def test_over_comfyui_patches(world, row, comfy_patch):
 def test_comfyui_patches_on_top(world, row):
     assert_image(sample(cfg_guider(_apg(row.build(world, world.model)), row.positive(world), world.negative, CFG)))
     slg_on_top = cfg_guider(_slg(row.build(world, world.model)), row.positive(world), world.negative, CFG)
-    if not row.uses_slot:  # a post-CFG technique: SLG's own calc-cond-batch function bypasses nothing of it
+    if not row.uses_slot:  # nothing of it in the calc-cond-batch slot for SLG's function to bypass
         assert_image(sample(slg_on_top))
         return
     message = rf"{row.node}: 'SkipLayerGuidanceDiTSimple' replaced .* apply {row.node} last"

@@ -45,7 +45,7 @@ def named_set(display: str) -> set[str]:
 def named(node: str) -> str:
     """A regex matching an error that starts with ``node``'s name (or its technique's: the MODEL-patch
     and GUIDER twins of a technique share its checks)."""
-    return "^(" + "|".join(sorted(map(re.escape, named_set(node)), key=len, reverse=True)) + ")"
+    return "^(" + "|".join(sorted(map(re.escape, named_set(node)), key=len, reverse=True)) + r")( \(Guidance Kit\))?"
 
 
 @pytest.fixture(scope="module")
@@ -356,7 +356,8 @@ def pack_node_classes():
 def valid_inputs(schema, world, toy) -> dict:
     """Working values of every required input of a node (an unknown type fails, naming what to add)."""
     by_type = {"MODEL": world.model, "CONDITIONING": world.positive, "CLIP": toy["clip"], "LATENT": latent(1),
-               "GUIDANCE_KIT_LINEAR_AG": world.calibration, "GUIDANCE_KIT_CLASSIFIER": world.classifier}
+               "GUIDANCE_KIT_LINEAR_AG": world.calibration, "GUIDANCE_KIT_CLASSIFIER": world.classifier,
+               "GUIDANCE_KIT_DEEDIFF_HEADS": world.heads}
     values = {}
     for spec in schema.inputs:
         if spec.optional:

@@ -255,3 +255,8 @@ def dev_prompts():
 def validation_prompts():
     """Fixed (prompt, spec) list for reporting, disjoint from ``dev_prompts``."""
     return _prompt_set(1)
+
+
+def training_prompts():
+    """Fixed (prompt, spec) list for training on the toy model's own samples, disjoint from dev and validation."""
+    return _prompt_set(2)

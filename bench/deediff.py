@@ -1,0 +1,322 @@
+"""DeeDiff early exit on the toy world: transformer block-rows saved vs the full model at the oracle's pass rate.
+
+Every configuration samples the same prompts with the same noise (``runner.run``: euler, scheduler "simple",
+``STEPS`` steps, ``SEEDS`` images per prompt, CFG scale ``CFG_SCALE``); "blocks" are the batch rows through each
+of the DiT's 8 blocks (``Result.blocks``), so plain CFG costs 2 rows x 8 blocks per image and step.
+
+* ``full``: plain CFG on the full model (the reference);
+* ``exit_<threshold>``: the DeeDiff Early Exit patch with the shipped toy heads
+  (``toyworld/deediff/toy_dit_heads.safetensors``) at a sweep of confidence thresholds;
+* ``cache_<threshold>``: the caching peer, First-Block-Cache (``FirstBlockCache``): per model row, block 1 always
+  runs; when its residual changed by less than the threshold (mean absolute change relative to the residual of the
+  last step that ran in full), the row reuses that step's residual of blocks 2-8 and skips them.  ComfyUI core's
+  EasyCache runs on the toy model but breaks its images (2 dev prompts x 4 seeds: pass 0.0 against 0.875 at
+  threshold 0.1, 30% of the blocks skipped), so it is no fair peer here.  Compared at the blocks of the chosen
+  DeeDiff threshold;
+* ``ag_exit_<threshold>``: Adaptive Guidance (γ̄ ``AG_THRESHOLD``) with DeeDiff stacked on it, against plain CFG.
+
+The DeeDiff threshold is chosen on dev (the most blocks saved with the pass rate within ``TARGET["tolerance"]`` of
+the full model's; the most saving threshold if none is), likewise AG + DeeDiff (``AG_TARGET``), and the cache
+threshold whose dev blocks are closest to the chosen DeeDiff's; validation figures are reported for those choices.
+Pass rates come with the paired difference to the full model (same prompts and noise) and its standard error.
+``exit_depth_by_step``: mean blocks run per model row at each step (validation, chosen threshold).
+``--quick``: validation only (every other prompt) at the ``DEFAULT_*`` settings, without AG alone, the cache peer
+at the ``QUICK_CACHE_THRESHOLDS`` value whose blocks are closest to DeeDiff's;
+``--every n``: every n-th prompt of each set (the sets list single, relation, then mirror prompts, so every kind
+stays in).
+
+``--probe``: why exits cost quality on the toy model (``probe``); ``--timing``: wall time, interleaved.
+
+Last line: JSON.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.append(str(Path(__file__).resolve().parent))
+
+import runner  # noqa: E402
+from adaptive_guidance import figures  # noqa: E402  (paired pass-rate difference to a reference)
+
+CFG_SCALE = 4.0
+STEPS = 20
+SEEDS = 4
+BLOCKS = 8
+THRESHOLDS = (0.6, 0.7, 0.75, 0.8, 0.85)
+CACHE_THRESHOLDS = (0.02, 0.05, 0.1, 0.2, 0.3)
+AG_THRESHOLD = 0.99
+AG_EXIT_THRESHOLDS = (0.7, 0.8, 0.85)
+TARGET = {"saving": 0.40, "tolerance": 0.02}
+AG_TARGET = {"saving": 0.55, "tolerance": 0.03}
+# --quick: validation only at these settings, chosen on dev prompts by the offline probe of the README (exits
+# simulated on recorded rows: 0.7 is the lowest threshold whose mean exit error stays near 0.2).
+DEFAULT_THRESHOLD = 0.7
+QUICK_CACHE_THRESHOLDS = (0.25, 0.5)  # the one at the blocks closest to DeeDiff's is the matched peer
+DEFAULT_AG_EXIT_THRESHOLD = 0.8
+HEADS = Path(__file__).resolve().parent.parent / "toyworld" / "deediff" / "toy_dit_heads.safetensors"
+
+
+class DepthByStep:
+    """Collects the run records of the configuration's guiders (one per prompt) for exit depth per step."""
+
+    def __init__(self):
+        self.guiders = []
+
+    def keep(self, guider):
+        self.guiders.append(guider)
+        return guider
+
+    def mean_depth(self) -> list[float]:
+        from guidance_kit.nodes.stats_wrappers import stats_sink
+
+        totals = [[0, 0] for _ in range(STEPS)]
+        for guider in self.guiders:
+            run = stats_sink(guider.model_patcher).last
+            for index, evaluation in enumerate(run.evaluations):
+                depths = evaluation.signals.get("exit_depth", [])
+                totals[run.step_of(index) - 1][0] += sum(depths)
+                totals[run.step_of(index) - 1][1] += len(depths)
+        return [round(total / count, 3) if count else None for total, count in totals]
+
+
+def exit_config(heads, threshold: float, ag_threshold: float | None = None, depth: DepthByStep | None = None):
+    from guidance_kit.nodes.adaptive_guidance import patch_adaptive_guidance
+    from guidance_kit.nodes.deediff import patch_deediff
+    from guidance_kit.nodes.guiders import cfg_guider
+
+    def make(model, positive, negative):
+        if ag_threshold is not None:
+            model = patch_adaptive_guidance(model, threshold=ag_threshold, measure="auto",
+                                            start_percent=0.0, end_percent=1.0)
+        guider = cfg_guider(patch_deediff(model, heads, threshold), positive, negative, CFG_SCALE)
+        return depth.keep(guider) if depth is not None else guider
+    return make
+
+
+class FirstBlockCache:
+    """First-Block-Cache on the toy DiT's block replacements, one cache per sampling run and model row."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+        self.first_residual = self.rest_residual = None
+        self.active = self.first_output = None
+
+    def block(self, index: int, blocks: int):
+        import torch
+
+        from guidance_kit.samplers import deediff
+
+        def replace(args, extra):
+            block = extra["original_block"]
+            h = args["img"]
+            if index == 0:
+                out = block(args)
+                residual = out["img"] - h
+                if self.first_residual is None or self.first_residual.shape != residual.shape:
+                    self.first_residual, self.rest_residual = residual, None
+                    self.active = torch.ones(h.shape[0], dtype=torch.bool)
+                else:
+                    change = (residual - self.first_residual).abs().flatten(1).mean(1) / \
+                        self.first_residual.abs().flatten(1).mean(1)
+                    self.active = change.cpu() >= self.threshold
+                    self.first_residual[self.active] = residual[self.active]
+                self.first_output = out["img"]
+                return out
+            rows = self.active.nonzero().flatten()
+            out = args if rows.numel() == 0 else deediff.merge_rows(
+                args, block(deediff.select_rows(args, rows, h.shape[0])), rows)
+            if index < blocks - 1:
+                return out
+            if self.rest_residual is None:
+                self.rest_residual = out["img"] - self.first_output
+                return out
+            skipped = (~self.active).nonzero().flatten()
+            self.rest_residual[rows] = (out["img"] - self.first_output)[rows]
+            merged = out["img"].clone()
+            merged[skipped] = self.first_output[skipped] + self.rest_residual[skipped]
+            return {"img": merged}
+        return replace
+
+
+def cache_config(threshold: float):
+    from comfy.patcher_extension import WrappersMP
+
+    from guidance_kit.nodes.guiders import cfg_guider
+
+    def make(model, positive, negative):
+        patched = model.clone()
+        key = "guidance_kit.bench.first_block_cache"
+
+        def outer_sample(executor, *args, **kwargs):
+            cache = FirstBlockCache(threshold)
+            options = executor.class_obj.model_options.setdefault("transformer_options", {})
+            replace = {**options.get("patches_replace", {})}
+            replace["dit"] = {**replace.get("dit", {}), **{("single_block", i): cache.block(i, BLOCKS)
+                                                            for i in range(BLOCKS)}}
+            options["patches_replace"] = replace
+            return executor(*args, **kwargs)
+
+        patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, key, outer_sample)
+        return cfg_guider(patched, positive, negative, CFG_SCALE)
+    return make
+
+
+def ag_config(threshold: float):
+    from guidance_kit.nodes.adaptive_guidance import patch_adaptive_guidance
+    from guidance_kit.nodes.guiders import cfg_guider
+
+    return lambda model, positive, negative: cfg_guider(patch_adaptive_guidance(
+        model, threshold=threshold, measure="auto", start_percent=0.0, end_percent=1.0), positive, negative, CFG_SCALE)
+
+
+def block_figures(result, reference, prompts: int) -> dict:
+    """Pass rate with the paired difference to ``reference``, blocks, blocks saved and the wall-time ratio."""
+    out = figures(result, reference, prompts, SEEDS)
+    out.update(blocks_saved=round(1 - result.blocks / reference.blocks, 4),
+               seconds_ratio=round(result.seconds / reference.seconds, 4))
+    return out
+
+
+def sweep(world, prompts, configurations: dict, reference=None) -> tuple[dict, object]:
+    table = {}
+    for name, make_guider in configurations.items():
+        result = runner.run(world, name, make_guider, prompts, seeds=SEEDS, steps=STEPS)
+        reference = reference or result
+        table[name] = block_figures(result, reference, len(prompts))
+        print(json.dumps({name: table[name]}, sort_keys=True), file=sys.stderr, flush=True)
+    return table, reference
+
+
+def choose(dev: dict, candidates: list[str], target: dict) -> str:
+    """The candidate saving the most blocks on dev with its pass rate within the tolerance of the reference's;
+    the most saving candidate if none is within it."""
+    within = [name for name in candidates if dev[name]["pass_delta"] >= -target["tolerance"]]
+    return max(within or candidates, key=lambda name: dev[name]["blocks_saved"])
+
+
+def probe(world, heads, prompts, thresholds=(0.7, 0.75, 0.8, 0.85, 0.88, 0.9)) -> dict:
+    """Every exit's prediction through the shared head against the final one, on the recorded model rows of
+    full-CFG runs of ``prompts``: mean |error| and mean confidence per exit, their correlation, and the blocks
+    and mean exit error a threshold gives when exits are simulated on those rows."""
+    import torch
+
+    from guidance_kit.nodes import deediff as adapter
+    from guidance_kit.nodes.toyworld import ToyWorldEmptyLatent
+    from guidance_kit.samplers import deediff
+
+    recording = adapter.record_model_inputs(world.model, [world.encode(p) for p, _ in prompts], world.encode(""),
+                                            ToyWorldEmptyLatent.execute(SEEDS)[0], seed=0, steps=STEPS, cfg=CFG_SCALE,
+                                            sampler_name="euler", scheduler="simple")
+    arch = adapter.architecture(world.model, "probe")
+    confidences, errors = [], []
+    for part in torch.arange(len(recording)).split(64):
+        hidden, vec = adapter.block_outputs(world.model, arch, *recording.rows(part))
+        with torch.no_grad():
+            predictions = [arch.output_tokens(h, vec) for h in hidden]
+            confidences.append(torch.stack([deediff.confidence(heads.heads(i, hidden[i], vec))
+                                            for i in range(heads.heads.exits)], 1))
+            errors.append(torch.stack([(p - predictions[-1]).abs().flatten(1).mean(1) for p in predictions[:-1]], 1))
+    confidence, error = torch.cat(confidences), torch.cat(errors)
+    simulated = {}
+    for threshold in thresholds:
+        reached = confidence >= threshold
+        depth = torch.where(reached.any(1), reached.float().argmax(1) + 1, torch.full((len(confidence),), BLOCKS))
+        exit_error = [float(error[row, d - 1]) if d < BLOCKS else 0.0 for row, d in enumerate(depth.tolist())]
+        simulated[str(threshold)] = {"blocks_saved": round(1 - float(depth.float().mean()) / BLOCKS, 4),
+                                     "mean_exit_error": round(sum(exit_error) / len(exit_error), 4)}
+    return {"rows": len(recording), "exit_error": [round(float(e), 4) for e in error.mean(0)],
+            "exit_confidence": [round(float(c), 3) for c in confidence.mean(0)],
+            "confidence_error_correlation": [round(float(torch.corrcoef(torch.stack([confidence[:, i], -error[:, i]]))
+                                                          [0, 1]), 3) for i in range(error.shape[1])],
+            "simulated": simulated}
+
+
+def interleaved_timing(world, heads, prompt: str, threshold: float, cache: float, rounds: int = 4) -> dict:
+    """Wall time of full / DeeDiff / First-Block-Cache sampling one prompt in turn, ``rounds`` times (load drift on
+    a shared machine hits all three alike): the median per-round ratio to the full model."""
+    import statistics
+    import time
+
+    from guidance_kit.nodes.toyworld import ToyWorldEmptyLatent
+    from harness.sampling import sample_guider
+
+    configurations = {"full": runner.cfg(CFG_SCALE), "exit": exit_config(heads, threshold),
+                      "cache": cache_config(cache)}
+    seconds = {name: [] for name in configurations}
+    for round_ in range(rounds):
+        for name, make in configurations.items():
+            guider = make(world.model, world.encode(prompt), world.encode(""))
+            start = time.perf_counter()
+            sample_guider(guider, ToyWorldEmptyLatent.execute(SEEDS)[0], steps=STEPS, scheduler="simple", seed=round_)
+            seconds[name].append(round(time.perf_counter() - start, 3))
+    return {"seconds": seconds, "median_ratio": {name: round(statistics.median(
+        t / f for t, f in zip(times, seconds["full"])), 3) for name, times in seconds.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="validation only, half its prompts, default settings")
+    parser.add_argument("--every", type=int, default=0, help="every n-th prompt of each set (default: all; --quick 2)")
+    parser.add_argument("--probe", action="store_true", help="only the exit-error probe on every 13th dev prompt")
+    parser.add_argument("--timing", action="store_true", help="only the interleaved wall-time measurement")
+    args = parser.parse_args()
+    every = args.every or (2 if args.quick else 1)
+    world = runner.load_world()
+    from guidance_kit.nodes.deediff import LOAD_NODE, load_heads
+
+    heads = load_heads(HEADS, LOAD_NODE)
+    if args.probe or args.timing:
+        runner.emit(probe(world, heads, runner.prompt_set("dev", False)[::13]) if args.probe else interleaved_timing(
+            world, heads, runner.prompt_set("validation", False)[0][0], DEFAULT_THRESHOLD, QUICK_CACHE_THRESHOLDS[0]))
+        return
+    out = {"cfg_scale": CFG_SCALE, "steps": STEPS, "seeds": SEEDS, "blocks_per_row": BLOCKS,
+           "ag_threshold": AG_THRESHOLD, "every_nth_prompt": every}
+    if args.quick:
+        threshold, ag_exit = DEFAULT_THRESHOLD, DEFAULT_AG_EXIT_THRESHOLD
+    else:
+        configurations = {"full": runner.cfg(CFG_SCALE)}
+        configurations |= {f"exit_{t}": exit_config(heads, t) for t in THRESHOLDS}
+        configurations |= {f"cache_{t}": cache_config(t) for t in CACHE_THRESHOLDS}
+        configurations |= {f"ag_exit_{t}": exit_config(heads, t, AG_THRESHOLD) for t in AG_EXIT_THRESHOLDS}
+        dev, _ = sweep(world, runner.prompt_set("dev", False)[::every], configurations)
+        out["dev"] = dev
+        threshold = float(choose(dev, [f"exit_{t}" for t in THRESHOLDS], TARGET).removeprefix("exit_"))
+        ag_exit = float(choose(dev, [f"ag_exit_{t}" for t in AG_EXIT_THRESHOLDS], AG_TARGET).removeprefix("ag_exit_"))
+        exit_blocks = dev[f"exit_{threshold}"]["blocks"]
+        cache = min(CACHE_THRESHOLDS, key=lambda t: abs(dev[f"cache_{t}"]["blocks"] - exit_blocks))
+    depth = DepthByStep()
+    prompts = runner.prompt_set("validation", False)[::every]
+    configurations = {"full": runner.cfg(CFG_SCALE), "exit": exit_config(heads, threshold, depth=depth),
+                      "ag_exit": exit_config(heads, ag_exit, AG_THRESHOLD)}
+    if args.quick:
+        configurations |= {f"cache_{t}": cache_config(t) for t in QUICK_CACHE_THRESHOLDS}
+    else:
+        configurations |= {"cache": cache_config(cache), "ag": ag_config(AG_THRESHOLD)}
+    validation, _ = sweep(world, prompts, configurations)
+    if args.quick:  # the peer at matched compute: the cache threshold whose blocks are closest to DeeDiff's
+        cache = min(QUICK_CACHE_THRESHOLDS, key=lambda t: abs(validation[f"cache_{t}"]["blocks"] -
+                                                              validation["exit"]["blocks"]))
+        validation["cache"] = validation[f"cache_{cache}"]
+    out["validation"] = validation
+    full, exit_, peer, ag_exit_figures = (validation[k] for k in ("full", "exit", "cache", "ag_exit"))
+    out.update(
+        exit_threshold=threshold, cache_threshold=cache, ag_exit_threshold=ag_exit,
+        full_blocks=full["blocks"], full_pass=full["pass"], full_seconds=full["seconds"],
+        exit_blocks=exit_["blocks"], exit_pass=exit_["pass"], exit_blocks_saved=exit_["blocks_saved"],
+        exit_pass_delta=exit_["pass_delta"], exit_pass_delta_se=exit_["pass_delta_se"],
+        exit_seconds_ratio=exit_["seconds_ratio"], exit_depth_by_step=depth.mean_depth(),
+        cache_blocks=peer["blocks"], cache_pass_at_matched=peer["pass"], cache_pass_delta=peer["pass_delta"],
+        cache_pass_delta_se=peer["pass_delta_se"], cache_seconds_ratio=peer["seconds_ratio"],
+        ag_exit_blocks=ag_exit_figures["blocks"], ag_exit_pass=ag_exit_figures["pass"],
+        ag_exit_blocks_saved=ag_exit_figures["blocks_saved"], ag_exit_pass_delta=ag_exit_figures["pass_delta"],
+        ag_exit_pass_delta_se=ag_exit_figures["pass_delta_se"], ag_exit_seconds_ratio=ag_exit_figures["seconds_ratio"],
+        targets={"exit": TARGET, "ag_exit": AG_TARGET},
+    )
+    if "ag" in validation:
+        out.update(ag_blocks=validation["ag"]["blocks"], ag_pass=validation["ag"]["pass"])
+    runner.emit(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,516 @@
+"""DeeDiff in ComfyUI: train uncertainty heads for a MODEL, load them, and exit early block by block.
+
+* Architectures (``architecture``): the toy world DiT (``("single_block", i)`` replacements, like Flux's
+  single blocks) and the SD3 family's MMDiT (``("double_block", i)``).  Each gives its block count,
+  hidden width, modulation-vector width, and its own output head as a function of image tokens, so
+  every exit is read by the model's final layer.  Anything else (UNets, other DiTs) is a clear error.
+* Training (``train_heads``), data-free: full-CFG sampling runs of the MODEL over a prompt list are
+  recorded at the diffusion model's input (latent, sigma, and the model's processed conditioning,
+  cond and uncond rows alike), so the heads learn on exactly the inputs sampling will give them.
+  Optionally the runs start from given images (img2img at ``denoise``).  Each training step replays
+  a batch of recorded rows through the frozen model, collects every block's image tokens, and fits
+  the heads by the uncertainty loss (``samplers/deediff.py``, Eq. 6) with the model's own final
+  prediction as the target.  The loop is the shared training core (``samplers/training.py``): one
+  process by default, ``torchrun`` / ``accelerate launch`` with no code change, resumable checkpoints.
+* The exit patch (``DeeDiffTechnique``, installed through ``patching.install``): a block replacement
+  on every block (wrapping any replacement already there) and an APPLY_MODEL wrapper that opens one
+  ``ForwardExits`` per model call inside a sampling run.  Rows exit independently (cond and uncond
+  rows of CFG too); exited rows are left out of later blocks' sub-batches.  Per evaluation the run
+  record gets ``exit_depth`` (blocks run, per model row), ``blocks`` and ``full_blocks`` (block-rows
+  evaluated and what the full model would have evaluated), and the run's first early exit is marked.
+"""
+import hashlib
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from einops import rearrange
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import folder_paths
+from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
+from comfy.patcher_extension import WrappersMP
+from comfy_api.latest import io
+
+from ..samplers import deediff, training
+from ..samplers.bundles import fingerprint, load_bundle
+from ..toyworld.model import ToyDiT
+from .guiders import cfg_guider, model_input
+from .patching import Technique, check_number, install
+from .stats_wrappers import current_run, node_id_of
+
+logger = logging.getLogger(__name__)
+CATEGORY = "Guidance Kit/acceleration"
+FOLDER = "deediff"
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "toyworld" / "deediff"
+CHECKPOINT_SUBFOLDER = ".checkpoints"
+folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
+folder_paths.add_model_folder_path(FOLDER, str(SHIPPED_DIR))
+folder_paths.folder_names_and_paths[FOLDER][1].add(".safetensors")
+TRAIN_NODE = "DeeDiff Train Heads (Guidance Kit)"
+LOAD_NODE = "DeeDiff Load Heads (Guidance Kit)"
+PATCH_NODE = "DeeDiff Early Exit (Guidance Kit)"
+DeeDiffHeads = io.Custom("GUIDANCE_KIT_DEEDIFF_HEADS")
+SUPPORTED = "the toy world DiT and SD3-family MMDiT models"
+
+
+@dataclass
+class Architecture:
+    """What DeeDiff needs to know of a diffusion transformer."""
+
+    name: str
+    block_kind: str
+    blocks: int
+    width: int
+    vec_dim: int
+    out_dim: int
+    patch_size: int
+    output_tokens: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (image tokens, vec) -> [B, N, out_dim]
+
+    def image_tokens(self, x: torch.Tensor) -> int:
+        """Image tokens of a latent batch [B, C, H, W] (padded to whole patches)."""
+        return math.ceil(x.shape[-2] / self.patch_size) * math.ceil(x.shape[-1] / self.patch_size)
+
+    def shape(self) -> dict:
+        return {"architecture": self.name, "blocks": self.blocks, "width": self.width, "vec_dim": self.vec_dim,
+                "out_dim": self.out_dim}
+
+
+def architecture(model, where: str) -> Architecture:
+    """The Architecture of a MODEL's diffusion network, or a ValueError naming ``where`` and what is supported."""
+    network = model.model.diffusion_model
+    if isinstance(network, ToyDiT):
+        p = network.patch_size
+
+        def toy_tokens(tokens, vec):
+            return rearrange(network.head(tokens, vec), "b c (gh p) (gw q) -> b (gh gw) (c p q)", p=p, q=p)
+
+        width = network.config["width"]
+        return Architecture("toy_dit", "single_block", len(network.blocks), width, width,
+                            network.in_channels * p * p, p, toy_tokens)
+    if isinstance(network, MMDiT):
+        width = network.final_layer.adaLN_modulation[1].in_features
+        return Architecture("sd3_mmdit", "double_block", len(network.joint_blocks), width, width,
+                            network.final_layer.linear.out_features, network.x_embedder.patch_size[0],
+                            network.final_layer)
+    raise ValueError(f"{where}: 'model' is a {type(model.model).__name__} with a {type(network).__name__} network; "
+                     f"DeeDiff exits after transformer blocks and supports {SUPPORTED} (a UNet has no blocks to "
+                     "exit from)")
+
+
+def model_fingerprint(model, arch: Architecture) -> str:
+    return fingerprint(model.model.diffusion_model.state_dict(), arch.name)
+
+
+@dataclass
+class TrainedHeads:
+    """Uncertainty heads and the identity of the model they were trained for."""
+
+    heads: deediff.UncertaintyHeads
+    identity: dict
+    metadata: dict
+
+    def check(self, model, arch: Architecture, where: str) -> None:
+        """ValueError naming ``where`` when these heads were made for another model or block count."""
+        problems = [f"{key} {self.identity.get(key)!r} (heads) vs {value!r} (model)"
+                    for key, value in arch.shape().items() if self.identity.get(key) != value]
+        if not problems and self.identity.get("fingerprint") != model_fingerprint(model, arch):
+            problems.append(f"weights {self.identity.get('fingerprint')} (heads) vs {model_fingerprint(model, arch)} "
+                            "(model)")
+        if problems:
+            raise ValueError(f"{where}: 'heads' were trained for another model ({'; '.join(problems)}); train heads "
+                             f"for this MODEL with {TRAIN_NODE}")
+
+
+def load_heads(path, where: str) -> TrainedHeads:
+    """Read a heads bundle written by ``train_heads`` (format, keys, shapes and finiteness checked)."""
+    identity = load_bundle(path, deediff.FORMAT, where).metadata.get("identity", {})
+    try:
+        config = {key: int(identity[key]) for key in ("blocks", "width", "vec_dim", "out_dim", "hidden")}
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{where}: {path} has no usable head configuration in its metadata") from None
+    heads = deediff.UncertaintyHeads(**config)
+    metadata = training.load_trained(path, deediff.FORMAT, where, {"heads": heads})
+    return TrainedHeads(heads.eval().requires_grad_(False), identity, metadata)
+
+
+# ---------------------------------------------------------------- exits while sampling
+
+class DeeDiffRun:
+    """Per-run state: the heads on the sampling device, and whether the run's first exit has been marked."""
+
+    def __init__(self, heads: deediff.UncertaintyHeads, threshold: float):
+        self.heads, self.threshold = heads, threshold
+        self.exited = False
+
+    def heads_on(self, device) -> deediff.UncertaintyHeads:
+        if next(self.heads.parameters()).device != torch.device(device):
+            self.heads = self.heads.to(device)
+        return self.heads
+
+
+class DeeDiffTechnique(Technique):
+    name = "DeeDiff"
+    node = PATCH_NODE
+    needs_uncond = False
+
+    def __init__(self, trained: TrainedHeads, arch: Architecture, threshold: float):
+        self.trained, self.arch, self.threshold = trained, arch, threshold
+
+    def start_run(self, guider, sigmas, sampler):
+        return DeeDiffRun(self.trained.heads, self.threshold)
+
+    def patch(self, patched, key: str) -> None:
+        """Block replacements on every block (wrapping another pack's; replacing an earlier DeeDiff's) and the
+        per-call APPLY_MODEL wrapper."""
+        forward_key = f"{key}.forward"
+        existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+        for index in range(self.arch.blocks):
+            previous = existing.get((self.arch.block_kind, index))
+            if hasattr(previous, "deediff_key"):  # DeeDiff again: this installation replaces the earlier one
+                patched.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, previous.deediff_key)
+                previous = previous.previous
+            replacement = _exit_block(index, previous, forward_key)
+            replacement.deediff_key, replacement.previous = key, previous
+            patched.set_model_patch_replace(replacement, "dit", self.arch.block_kind, index)
+        patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, key, _exits_per_call(self.arch, key, forward_key))
+
+
+def _exit_block(index: int, previous, forward_key: str):
+    """Block replacement ``index``: DeeDiff's ``run_block`` around ``previous`` (another replacement) or the block.
+    Called outside a sampling run, or on a batch other than the model call's (another pack sub-batching), it
+    runs the block unchanged."""
+    def replace(args, extra):
+        original = extra["original_block"]
+        chain = original if previous is None else (lambda sub: previous(sub, extra))
+        forward = args.get("transformer_options", {}).get(forward_key)
+        if forward is None or args["img"].shape[0] != forward[0].batch:
+            return chain(args)
+        exits, heads, threshold = forward
+        return deediff.run_block(index, args, chain, heads, threshold, exits)
+    return replace
+
+
+def _exits_per_call(arch: Architecture, key: str, forward_key: str):
+    """APPLY_MODEL wrapper: one ForwardExits per model call of a sampling run; its exits go to the run record."""
+    def wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):  # noqa: B006
+        slot = transformer_options.get(key)
+        if slot is None:
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        state: DeeDiffRun = slot.state
+        exits = deediff.ForwardExits(x.shape[0], arch.image_tokens(x), arch.blocks, device=x.device)
+        options = {**transformer_options, forward_key: (exits, state.heads_on(x.device), state.threshold)}
+        out = executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+        run = current_run({"transformer_options": transformer_options})
+        if run is not None and run.current is not None:
+            signals = run.current.signals
+            run.signal(exit_depth=signals.get("exit_depth", []) + exits.blocks_run.tolist(),
+                       blocks=signals.get("blocks", 0) + exits.block_rows,
+                       full_blocks=signals.get("full_blocks", 0) + exits.full_block_rows)
+            if not state.exited and exits.block_rows < exits.full_block_rows:
+                state.exited = True
+                run.mark(f"first early exit ({int((exits.blocks_run < arch.blocks).sum())} of {exits.batch} rows, "
+                         f"earliest after block {int(exits.blocks_run.min())})")
+        return out
+    return wrapper
+
+
+def patch_deediff(model, trained: TrainedHeads, threshold: float, node_id=None):
+    """Clone ``model`` with DeeDiff's early exits (checks the heads against the model first)."""
+    threshold = check_number(PATCH_NODE, "threshold", threshold, 0.0, 1.0)
+    arch = architecture(model, PATCH_NODE)
+    trained.check(model, arch, PATCH_NODE)
+    return install(model, DeeDiffTechnique(trained, arch, threshold), node_id)
+
+
+# ---------------------------------------------------------------- data-free training
+
+@dataclass
+class Recording:
+    """Diffusion-model inputs of sampling runs, one row per model row: ``x``, ``sigma`` and the model's
+    processed conditioning (``conds``: per-row tensors; ``constants``: everything else)."""
+
+    x: torch.Tensor
+    sigma: torch.Tensor
+    conds: dict
+    constants: dict
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def rows(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        return self.x[index], self.sigma[index], {**self.constants, **{k: v[index] for k, v in self.conds.items()}}
+
+
+def record_model_inputs(model, positives: list, negative, latent: dict, *, seed: int, steps: int, cfg: float,
+                        sampler_name: str, scheduler: str, denoise: float = 1.0, on_step=None) -> Recording:
+    """Sample every positive CONDITIONING with full CFG (the latent's batch, noise from ``seed + index``)
+    and record every diffusion-model call's inputs."""
+    calls = []
+    recorder = model.clone()
+
+    def record(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):  # noqa: B006
+        if control is not None:
+            raise ValueError(f"{TRAIN_NODE}: ControlNet conditioning is not supported for training heads")
+        inputs = {"c_concat": c_concat, "c_crossattn": c_crossattn, **kwargs}
+        calls.append((x.detach().cpu(), t.detach().cpu().expand(x.shape[0]).clone(),
+                      {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}))
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+    recorder.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "guidance_kit.deediff.record", record)
+    sampling = recorder.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(sampling, scheduler, round(steps / denoise)).cpu()[-(steps + 1):]
+    latent_image = comfy.sample.fix_empty_latent_channels(recorder, latent["samples"])
+    callback = (lambda step, denoised, x, total: on_step()) if on_step else None
+    for index, positive in enumerate(positives):
+        guider = cfg_guider(recorder, positive, negative, cfg)
+        noise = comfy.sample.prepare_noise(latent_image, seed + index)
+        guider.sample(noise, latent_image, comfy.samplers.sampler_object(sampler_name), sigmas, callback=callback,
+                      disable_pbar=True, seed=seed + index)
+    return _stack_calls(calls)
+
+
+def _stack_calls(calls) -> Recording:
+    conds, constants = {}, {}
+    for name, value in calls[0][2].items():
+        if isinstance(value, torch.Tensor) and all(isinstance(c[2][name], torch.Tensor) and
+                                                   c[2][name].shape[0] == c[0].shape[0] for c in calls):
+            shapes = {tuple(c[2][name].shape[1:]) for c in calls}
+            if len(shapes) > 1:
+                raise ValueError(f"{TRAIN_NODE}: the prompts' conditioning '{name}' has different shapes "
+                                 f"{sorted(shapes)}; use prompts that encode to the same length")
+            conds[name] = torch.cat([c[2][name] for c in calls])
+        else:
+            constants[name] = value
+    return Recording(torch.cat([c[0] for c in calls]), torch.cat([c[1] for c in calls]), conds, constants)
+
+
+def block_outputs(model, arch: Architecture, x, sigma, inputs: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(image tokens after every block, modulation vector) of one frozen forward pass of the model."""
+    captured, vec = [], []
+    tokens = arch.image_tokens(x)
+
+    def recorder(args, extra):
+        out = extra["original_block"](args)
+        captured.append(out["img"][:, -tokens:])
+        vec[:] = [args["vec"]]
+        return out
+
+    options = {"patches_replace": {"dit": {(arch.block_kind, i): recorder for i in range(arch.blocks)}}}
+    device = model.load_device
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    with torch.no_grad():
+        model.model.apply_model(x.to(device), sigma.to(device), transformer_options=options, **inputs)
+    return captured, vec[0]
+
+
+@dataclass
+class ExitFeatures:
+    """What the heads train on, per recorded row: every exit's image tokens [R, E, N, W] (float16), the
+    modulation vector [R, D], and every exit's pseudo uncertainty û_i against the model's final output
+    (Eq. 5) [R, E, N, O] (float16).  The model is frozen, so these are computed once."""
+
+    tokens: torch.Tensor
+    vec: torch.Tensor
+    pseudo: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+
+def exit_features(model, arch: Architecture, recording: Recording, rows: int, *, chunk: int = 32,
+                  on_chunk=None) -> ExitFeatures:
+    """ExitFeatures of ``rows`` recorded rows evenly spaced over the recording (all of them when fewer)."""
+    comfy.model_management.load_models_gpu([model])
+    index = torch.linspace(0, len(recording) - 1, min(rows, len(recording))).round().long().unique()
+    tokens, vecs, pseudo = [], [], []
+    for part in index.split(chunk):
+        hidden, vec = block_outputs(model, arch, *recording.rows(part))
+        with torch.no_grad():
+            predictions = [arch.output_tokens(h, vec).float() for h in hidden]
+        tokens.append(torch.stack(hidden[:-1], dim=1).half().cpu())
+        vecs.append(vec.float().cpu())
+        pseudo.append(torch.stack([deediff.pseudo_uncertainty(p, predictions[-1]) for p in predictions[:-1]],
+                                  dim=1).half().cpu())
+        if on_chunk is not None:
+            on_chunk(part.numel())
+    return ExitFeatures(torch.cat(tokens), torch.cat(vecs), torch.cat(pseudo))
+
+
+def heads_loss(heads: deediff.UncertaintyHeads, features: ExitFeatures, settings: training.TrainSettings):
+    """``loss_fn(step, rows)`` for ``training.train``: the uncertainty loss (Eq. 6) over rows ``rows`` of step
+    ``step``'s global batch, drawn from ``step_generator(seed, step)`` over the feature rows."""
+    def loss_fn(step: int, rows: slice) -> torch.Tensor:
+        index = torch.randint(len(features), (settings.batch_size,), generator=training.step_generator(
+            settings.seed, step))[rows]
+        device = next(heads.parameters()).device
+        tokens, vec = features.tokens[index].to(device), features.vec[index].to(device)
+        uncertainties = [heads(i, tokens[:, i], vec) for i in range(heads.exits)]
+        return deediff.uncertainty_loss(uncertainties, features.pseudo[index].to(device).unbind(dim=1))
+    return loss_fn
+
+
+def train_heads(model, features: ExitFeatures, settings: training.TrainSettings, path, *, hidden: int = 0,
+                data: dict | None = None, checkpoint=None, context: training.DistributedContext | None = None,
+                on_step=None, where: str = TRAIN_NODE) -> tuple[TrainedHeads, training.TrainResult]:
+    """Train uncertainty heads for ``model`` on ``features`` with the shared training core; the main process
+    saves them to ``path`` (with the model's identity, the block count and the training settings)."""
+    arch = architecture(model, where)
+    context = context or training.DistributedContext.from_environment(model.load_device)
+    torch.manual_seed(settings.seed)
+    heads = deediff.UncertaintyHeads(arch.blocks, arch.width, arch.vec_dim, arch.out_dim, hidden).to(context.device)
+    identity = {**arch.shape(), "hidden": hidden, "fingerprint": model_fingerprint(model, arch), "data": data or {}}
+    result = training.train({"heads": heads}, heads_loss(heads, features, settings), settings, context,
+                            identity=identity, checkpoint=checkpoint, checkpoint_every=max(1, settings.steps // 10),
+                            on_step=on_step)
+    if context.is_main:
+        training.save_trained(path, {"heads": heads}, deediff.FORMAT, identity, settings, result)
+    return TrainedHeads(heads.eval().requires_grad_(False), identity, {"steps": result.step}), result
+
+
+def heads_files() -> list[str]:
+    return [name for name in folder_paths.get_filename_list(FOLDER)
+            if not name.replace("\\", "/").startswith(CHECKPOINT_SUBFOLDER + "/")]
+
+
+def prompts_fingerprint(prompts: list[str], negative: str) -> str:
+    """Identity of a prompt list and negative prompt (a checkpoint resumes only for the same ones)."""
+    return hashlib.sha256("\n".join([negative, *prompts]).encode()).hexdigest()[:16]
+
+
+def encode(clip, text):
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+class DeeDiffTrain(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="GuidanceKitDeeDiffTrain",
+            display_name=TRAIN_NODE,
+            category=CATEGORY,
+            description="Trains DeeDiff's uncertainty heads (one per transformer block) for this MODEL, data-free: "
+                        "on the inputs of full-CFG sampling runs over the prompts. Saved to models/deediff/; "
+                        "resumes an interrupted run of the same settings.",
+            is_output_node=True,
+            inputs=[
+                model_input("The diffusion transformer to train heads for (it is not modified)."),
+                io.Clip.Input("clip", tooltip="Text encoder for the prompts and the negative prompt."),
+                io.String.Input("prompts", multiline=True, default="",
+                                tooltip="Training prompts, one per line (a few dozen varied prompts)."),
+                io.String.Input("negative_prompt", default="", multiline=True, tooltip="Negative prompt of the runs."),
+                io.Latent.Input("latent", tooltip="Latent of the runs: its size and batch (images per prompt). "
+                                                  "An encoded image batch with denoise < 1 starts from those images."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff,
+                             tooltip="Seed of the sampling noise (seed + i for prompt i) and of the training batches."),
+                io.Int.Input("sample_steps", default=20, min=1, max=200, tooltip="Steps of the recorded runs."),
+                io.Float.Input("cfg", default=4.0, min=1.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="CFG scale of the recorded runs (use the scale you will sample with)."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler"),
+                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="simple"),
+                io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01,
+                               tooltip="1: runs start from noise. Below 1 they start from the latent's images."),
+                io.Int.Input("train_steps", default=1000, min=1, max=1000000, tooltip="Optimiser steps."),
+                io.Int.Input("training_rows", default=2048, min=1, max=1000000,
+                             tooltip="Recorded model rows (evenly spaced over the runs) whose block outputs are kept "
+                                     "for training (about 160 KB each on the toy model)."),
+                io.Int.Input("batch_size", default=64, min=1, max=4096, tooltip="Rows per optimiser step."),
+                io.Float.Input("learning_rate", default=3e-3, min=1e-6, max=1.0, step=1e-4, round=1e-6),
+                io.Int.Input("head_hidden", default=0, min=0, max=4096,
+                             tooltip="0: the paper's linear head. Otherwise a hidden layer of this width."),
+                io.String.Input("filename", default="deediff_heads",
+                                tooltip="File name in models/deediff/ (.safetensors is added; overwritten)."),
+            ],
+            outputs=[DeeDiffHeads.Output(display_name="heads")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, prompts, negative_prompt, latent, seed, sample_steps, cfg, sampler_name, scheduler,
+                denoise, train_steps, training_rows, batch_size, learning_rate, head_hidden,
+                filename) -> io.NodeOutput:
+        name = filename.strip().removesuffix(".safetensors")
+        if not name or os.path.basename(name) != name or name.startswith("."):
+            raise ValueError(f"{TRAIN_NODE}: 'filename' must be a plain file name, got {filename!r}")
+        lines = [line.strip() for line in prompts.splitlines() if line.strip()]
+        if not lines:
+            raise ValueError(f"{TRAIN_NODE}: 'prompts' is empty; give at least one prompt (one per line)")
+        arch = architecture(model, TRAIN_NODE)
+        check_number(TRAIN_NODE, "cfg", cfg, 1.0, 100.0)
+        check_number(TRAIN_NODE, "learning_rate", learning_rate, 0.0, 1.0, low_open=True)
+        check_number(TRAIN_NODE, "denoise", denoise, 0.0, 1.0, low_open=True)
+        settings = training.TrainSettings(steps=train_steps, batch_size=batch_size, lr=learning_rate, seed=seed)
+        recorded_rows = min(training_rows, len(lines) * sample_steps * 2 * int(latent["samples"].shape[0]))
+        before_training = len(lines) * sample_steps + recorded_rows
+        progress = comfy.utils.ProgressBar(before_training + train_steps, node_id=node_id_of(cls))
+        data = {"prompts": len(lines), "prompts_fingerprint": prompts_fingerprint(lines, negative_prompt),
+                "images": len(lines) * int(latent["samples"].shape[0]), "rows": training_rows,
+                "sampler": sampler_name,
+                "scheduler": scheduler, "sample_steps": sample_steps, "cfg": cfg, "denoise": denoise,
+                "negative_prompt": negative_prompt}
+        recording = record_model_inputs(model, [encode(clip, line) for line in lines], encode(clip, negative_prompt),
+                                        latent, seed=seed, steps=sample_steps, cfg=cfg, sampler_name=sampler_name,
+                                        scheduler=scheduler, denoise=denoise, on_step=lambda: progress.update(1))
+        features = exit_features(model, arch, recording, training_rows, on_chunk=progress.update)
+        folder = folder_paths.get_folder_paths(FOLDER)[0]
+        checkpoint = os.path.join(folder, CHECKPOINT_SUBFOLDER, name + ".safetensors")
+        path = os.path.join(folder, name + ".safetensors")
+        trained, result = train_heads(model, features, settings, path, hidden=head_hidden, data=data,
+                                      checkpoint=checkpoint, on_step=lambda step, total, loss: progress.update_absolute(
+                                          before_training + step))
+        Path(checkpoint).unlink(missing_ok=True)
+        logger.info(f"DeeDiff: saved {path} ({result.step} steps, final loss {result.final_loss:.4g})")
+        return io.NodeOutput(trained)
+
+
+class DeeDiffLoad(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="GuidanceKitDeeDiffLoad",
+            display_name=LOAD_NODE,
+            category=CATEGORY,
+            inputs=[io.Combo.Input("heads", options=heads_files(),
+                                   tooltip="Heads written by DeeDiff Train Heads (models/deediff/), or the shipped "
+                                           "heads of the toy model.")],
+            outputs=[DeeDiffHeads.Output(display_name="heads")],
+        )
+
+    @classmethod
+    def execute(cls, heads) -> io.NodeOutput:
+        return io.NodeOutput(load_heads(folder_paths.get_full_path_or_raise(FOLDER, heads), f"{LOAD_NODE} 'heads'"))
+
+
+class DeeDiffModelPatch(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="GuidanceKitDeeDiff",
+            display_name=PATCH_NODE,
+            category=CATEGORY,
+            description="MODEL patch: after each transformer block, every model row whose predicted confidence "
+                        "reaches the threshold stops there and the model's output head reads it (DeeDiff, "
+                        "arXiv 2309.17074). Stacks with other patches (Adaptive Guidance, LinearAG, Composable).",
+            inputs=[model_input("The diffusion transformer the heads were trained for (it is cloned, never "
+                                "modified)."),
+                    DeeDiffHeads.Input("heads", tooltip="From DeeDiff Train Heads or DeeDiff Load Heads."),
+                    io.Float.Input("threshold", default=0.9, min=0.0, max=1.0, step=0.001, round=0.0001,
+                                   tooltip="Confidence (1 - mean predicted uncertainty) at which a row exits. "
+                                           "1.0 = never (the full model); lower exits earlier.")],
+            outputs=[io.Model.Output()],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, heads, threshold) -> io.NodeOutput:
+        return io.NodeOutput(patch_deediff(model, heads, threshold, node_id_of(cls)))
+
+
+NODES = [DeeDiffTrain, DeeDiffLoad, DeeDiffModelPatch]
