@@ -356,7 +356,7 @@ def pack_node_classes():
 def valid_inputs(schema, world, toy) -> dict:
     """Working values of every required input of a node (an unknown type fails, naming what to add)."""
     by_type = {"MODEL": world.model, "CONDITIONING": world.positive, "CLIP": toy["clip"], "LATENT": latent(1),
-               "GUIDANCE_KIT_LINEAR_AG": world.calibration}
+               "GUIDANCE_KIT_LINEAR_AG": world.calibration, "GUIDANCE_KIT_CLASSIFIER": world.classifier}
     values = {}
     for spec in schema.inputs:
         if spec.optional:
