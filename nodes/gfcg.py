@@ -340,6 +340,7 @@ def patch_gfcg(model, node_id, classifier, clip, prompt, targets, scale, confide
     check_number(where, "scale", scale, 0.0, 100.0)
     check_number(where, "confidence", confidence, 0.0, 1.0)
     check_number(where, "start_percent", start_percent, 0.0, 1.0)
+    check_number(where, "every", every, 1, 100)
     if reference_row not in gfcg.REFERENCE_ROWS:
         raise ValueError(f"{where}: 'reference_row' must be one of {gfcg.REFERENCE_ROWS}, got {reference_row!r}")
     if weak_model is not None:
