@@ -193,7 +193,7 @@ class ReferenceGuidance(Technique):
         width = [entry["cross_attn"].shape[-1] if isinstance(entry.get("cross_attn"), torch.Tensor) else None
                  for entry in (mine, theirs)]
         if width[0] != width[1] or ("pooled_output" in mine) != ("pooled_output" in theirs):
-            raise ValueError(f"{self.node} 'clip': the reference prompts it encodes (width {width[1]}) do not fit "
+            raise ValueError(f"{self.node}: 'clip': the reference prompts it encodes (width {width[1]}) do not fit "
                              f"the positive conditioning (width {width[0]}); connect the CLIP of the sampled model")
 
     def start_run(self, guider, sigmas, sampler):
@@ -314,16 +314,16 @@ class ReferenceGuidance(Technique):
 def check_weak(model, weak, where: str) -> None:
     """The weak model must be a separate network of the same family and noise schedule."""
     if weak.model is model.model:
-        raise ValueError(f"{where} 'weak_model': it shares its network with the main model (the same loaded "
+        raise ValueError(f"{where}: 'weak_model': it shares its network with the main model (the same loaded "
                          f"checkpoint, or a clone of it: ComfyUI de-duplicates two identical loads), so their "
                          f"weights and patches would collide; load the weaker checkpoint separately")
     if type(weak.model) is not type(model.model) or weak.model.model_type != model.model.model_type:
-        raise ValueError(f"{where} 'weak_model': a {type(weak.model).__name__} ({weak.model.model_type.name}) cannot "
+        raise ValueError(f"{where}: 'weak_model': a {type(weak.model).__name__} ({weak.model.model_type.name}) cannot "
                          f"guide a {type(model.model).__name__} ({model.model.model_type.name}); it must be the "
                          f"same model family, given the same conditioning")
     mine, theirs = (m.get_model_object("model_sampling") for m in (model, weak))
     if not torch.allclose(mine.sigmas.float().cpu(), theirs.sigmas.float().cpu()):
-        raise ValueError(f"{where} 'weak_model': its noise schedule (model sampling) differs from the main "
+        raise ValueError(f"{where}: 'weak_model': its noise schedule (model sampling) differs from the main "
                          f"model's; patch both with the same model-sampling node")
 
 
@@ -340,6 +340,7 @@ def patch_gfcg(model, node_id, classifier, clip, prompt, targets, scale, confide
     check_number(where, "scale", scale, 0.0, 100.0)
     check_number(where, "confidence", confidence, 0.0, 1.0)
     check_number(where, "start_percent", start_percent, 0.0, 1.0)
+    check_number(where, "every", every, 1, 100)
     if reference_row not in gfcg.REFERENCE_ROWS:
         raise ValueError(f"{where}: 'reference_row' must be one of {gfcg.REFERENCE_ROWS}, got {reference_row!r}")
     if weak_model is not None:

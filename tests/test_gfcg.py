@@ -241,7 +241,7 @@ def test_autoguidance_patch_with_ksampler(tiny_eps, weak_tiny):
 
 
 def test_weak_model_must_be_a_separate_network_of_the_family(tiny_eps, weak_tiny):
-    with pytest.raises(ValueError, match="Autoguidance 'weak_model': it shares its network"):
+    with pytest.raises(ValueError, match="Autoguidance: 'weak_model': it shares its network"):
         atg_guider(tiny_eps.patcher, tiny_eps.patcher.clone(), tiny_eps.positive, tiny_eps.negative, 2.0)
     with pytest.raises(ValueError, match="cannot guide"):
         atg_guider(tiny_eps.patcher, weak_tiny["sd3_flow"].patcher, tiny_eps.positive, tiny_eps.negative, 2.0)
