@@ -43,7 +43,7 @@ from ..samplers import deediff, training
 from ..samplers.bundles import fingerprint, load_bundle
 from ..toyworld.model import ToyDiT
 from .guiders import cfg_guider, model_input
-from .patching import Technique, check_number, install
+from .patching import Technique, check_number, check_numeric_inputs, install
 from .stats_wrappers import current_run, node_id_of
 
 logger = logging.getLogger(__name__)
@@ -436,6 +436,10 @@ class DeeDiffTrain(io.ComfyNode):
     def execute(cls, model, clip, prompts, negative_prompt, latent, seed, sample_steps, cfg, sampler_name, scheduler,
                 denoise, train_steps, training_rows, batch_size, learning_rate, head_hidden,
                 filename) -> io.NodeOutput:
+        check_numeric_inputs(cls, TRAIN_NODE, {"seed": seed, "sample_steps": sample_steps, "cfg": cfg,
+                                               "denoise": denoise, "train_steps": train_steps,
+                                               "training_rows": training_rows, "batch_size": batch_size,
+                                               "learning_rate": learning_rate, "head_hidden": head_hidden})
         name = filename.strip().removesuffix(".safetensors")
         if not name or os.path.basename(name) != name or name.startswith("."):
             raise ValueError(f"{TRAIN_NODE}: 'filename' must be a plain file name, got {filename!r}")
@@ -485,6 +489,9 @@ class DeeDiffLoad(io.ComfyNode):
 
     @classmethod
     def execute(cls, heads) -> io.NodeOutput:
+        if heads not in folder_paths.get_filename_list(FOLDER):
+            raise ValueError(f"{LOAD_NODE}: 'heads' must be a file listed from models/{FOLDER}/ or the shipped "
+                             f"heads, got {heads!r}")
         return io.NodeOutput(load_heads(folder_paths.get_full_path_or_raise(FOLDER, heads), f"{LOAD_NODE} 'heads'"))
 
 

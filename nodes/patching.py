@@ -301,6 +301,20 @@ def check_number(where: str, name: str, value: float, low: float = -math.inf, hi
     return value
 
 
+def check_numeric_inputs(node_cls, where: str, values: dict) -> None:
+    """Every INT/FLOAT input of ``node_cls``'s schema found in ``values``: finite, inside its widget's range,
+    and whole for INT (``check_number``'s error names the node and the input)."""
+    for spec in node_cls.define_schema().inputs:
+        kind = spec.get_io_type()
+        if kind not in ("INT", "FLOAT") or spec.id not in values:
+            continue
+        low = -math.inf if spec.min is None else spec.min
+        high = math.inf if spec.max is None else spec.max
+        value = check_number(where, spec.id, values[spec.id], low, high)
+        if kind == "INT" and not value.is_integer():
+            raise ValueError(f"{where}: '{spec.id}' must be a whole number, got {values[spec.id]}")
+
+
 # ---------------------------------------------------------------- GUIDER + MODEL-patch twins
 
 @dataclass

@@ -33,7 +33,7 @@ from ..samplers.training import DistributedContext
 from ..toyworld.weights import WEIGHTS_DIR
 from .classifier import ClassifierType, pixel_reader
 from .guiders import guider_inputs
-from .patching import Technique, TwinSpec, check_number, guider_and_patch, install
+from .patching import Technique, TwinSpec, check_number, check_numeric_inputs, guider_and_patch, install
 from .stats_wrappers import current_run, node_id_of
 
 FOLDER = "ppap"
@@ -344,6 +344,10 @@ class PPAPTrainExperts(io.ComfyNode):
                 sample_steps, experts, steps_per_expert, batch_size, learning_rate, lora_rank, seed,
                 filename) -> io.NodeOutput:
         where = "PPAP Train Experts"
+        check_numeric_inputs(cls, where, {"cfg": cfg, "images": images, "sample_steps": sample_steps,
+                                          "experts": experts, "steps_per_expert": steps_per_expert,
+                                          "batch_size": batch_size, "learning_rate": learning_rate,
+                                          "lora_rank": lora_rank, "seed": seed})
         name = filename.strip().removesuffix(".safetensors")
         if not name or os.path.basename(name) != name:
             raise ValueError(f"{where} 'filename': give a plain file name, got {filename!r}")

@@ -207,22 +207,22 @@ def test_errors_name_the_node_and_input(toy, tiny_eps, experts_folder):
 
     model, empty, classifier = toy
     shipped = weights.WEIGHTS_DIR / TOY_EXPERTS
-    with pytest.raises(ValueError, match=r"PPAP Guidance 'target': 'mauve' is no class"):
+    with pytest.raises(ValueError, match=r"PPAP 'target': 'mauve' is no class"):
         PPAPModelPatch.execute(model, classifier, TOY_EXPERTS, "mauve", 7.5)
-    with pytest.raises(ValueError, match=r"PPAP Guidance 'target'.*'pink' is not a class of head 'colour'"):
+    with pytest.raises(ValueError, match=r"PPAP 'target'.*'pink' is not a class of head 'colour'"):
         PPAPModelPatch.execute(model, classifier, TOY_EXPERTS, "colour: pink", 7.5)
-    with pytest.raises(ValueError, match=r"PPAP Guidance: 'scale' must be a finite number"):
+    with pytest.raises(ValueError, match=r"PPAP: 'scale' must be a finite number"):
         PPAPModelPatch.execute(model, classifier, TOY_EXPERTS, "colour: red", float("nan"))
     # another base classifier: same architecture, other weights
     other = classifier.network.__class__(**classifier.network.config)
     save_classifier(experts_folder / "other.safetensors", other, "toyworld.ToyClassifier", dict(classifier.heads),
                     input_size=(32, 32))
-    with pytest.raises(ValueError, match=r"PPAP Guidance 'experts'.*trained for the classifier 'toy_classifier'"):
+    with pytest.raises(ValueError, match=r"PPAP 'experts'.*trained for the classifier 'toy_classifier'"):
         PPAPModelPatch.execute(model, load_classifier(experts_folder / "other.safetensors", "t"), TOY_EXPERTS,
                                "colour: red", 7.5)
-    with pytest.raises(ValueError, match=r"PPAP Guidance 'experts'.*expects \(32, 32\) inputs.*\(16, 16\)"):
+    with pytest.raises(ValueError, match=r"PPAP 'experts'.*expects \(32, 32\) inputs.*\(16, 16\)"):
         PPAPModelPatch.execute(model, replace(classifier, input_size=(16, 16)), TOY_EXPERTS, "colour: red", 7.5)
-    with pytest.raises(ValueError, match=r"PPAP Guidance 'experts'.*trained on a ModelSamplingDiscreteFlow\+CONST"):
+    with pytest.raises(ValueError, match=r"PPAP 'experts'.*trained on a ModelSamplingDiscreteFlow\+CONST"):
         PPAPModelPatch.execute(tiny_eps.patcher, classifier, TOY_EXPERTS, "colour: red", 7.5)
     # noise ranges that stop below the schedule's first sigma: raised when sampling starts
     loaded, _ = ppap.load_experts(shipped, classifier, "t")
@@ -231,7 +231,7 @@ def test_errors_name_the_node_and_input(toy, tiny_eps, experts_folder):
     ppap.save_experts(experts_folder / "short.safetensors", loaded.experts, short, classifier, rank=4, alpha=4.0,
                       info={"model": {"sampling": "ModelSamplingDiscreteFlow+CONST"}})
     guider = PPAPGuider.execute(model, empty, empty, 1.0, classifier, "short.safetensors", "colour: red", 7.5)[0]
-    with pytest.raises(ValueError, match=r"PPAP Guidance 'experts': the schedule starts at sigma 1 but the experts "
+    with pytest.raises(ValueError, match=r"PPAP 'experts': the schedule starts at sigma 1 but the experts "
                                          r"cover sigma 0 to 0.9"):
         sample_guider(guider, empty_latent(1), steps=2, scheduler="simple")
 

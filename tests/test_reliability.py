@@ -562,7 +562,7 @@ def test_every_model_family_samples_or_is_refused_naming_the_node(world, tiny, r
     try:
         got = counted_sample(guider_of(row, other, tiny.patcher), tiny.empty_latent(batch=2), steps=3)
     except (ValueError, RuntimeError) as error:
-        assert row.other_family_error is not None and re.match(named(row.node) + ": " + row.other_family_error,
+        assert row.other_family_error is not None and re.match(named(row.node) + ":? " + row.other_family_error,
                                                                str(error)), f"{row.node}: {error}"
         return
     assert got.shape == (2, tiny.latent_channels, tiny.latent_size, tiny.latent_size) and torch.isfinite(got).all()
@@ -579,7 +579,19 @@ NON_TECHNIQUE_NODES = {
     "GuidanceKitRunStats": "test_run_stats_without_a_technique_source_names_the_input",
     "GuidanceKitLoadClassifier": "test_classifier_loaders_refuse_bad_files_and_inputs_naming_them",
     "GuidanceKitClipZeroShotClassifier": "test_classifier_loaders_refuse_bad_files_and_inputs_naming_them",
+    "GuidanceKitDeeDiffTrain": "test_every_numeric_input_rejects_bad_numbers_naming_node_and_input",
+    "GuidanceKitDeeDiffLoad": "test_deediff_load_refuses_names_outside_its_folders",
+    "GuidanceKitPPAPTrainExperts": "test_every_numeric_input_rejects_bad_numbers_naming_node_and_input",
 }
+
+
+def test_deediff_load_refuses_names_outside_its_folders():
+    from guidance_kit.nodes.deediff import DeeDiffLoad
+
+    assert DeeDiffLoad.execute("toy_dit_heads.safetensors")[0] is not None
+    for name in ("../toy_dit_heads.safetensors", "/etc/passwd", "missing.safetensors", ""):
+        with pytest.raises(ValueError, match=r"^DeeDiff Load Heads \(Guidance Kit\): 'heads' must be a file"):
+            DeeDiffLoad.execute(name)
 
 
 def test_classifier_loaders_refuse_bad_files_and_inputs_naming_them(tmp_path, monkeypatch):
