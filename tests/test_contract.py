@@ -73,6 +73,7 @@ class Row:
     # The clear error (a regex after the node's name) the node raises when its toy-world inputs meet a model
     # of another family (tests/test_reliability.py); None: it samples every family.
     other_family_error: str | None = None
+    plain_cfg: bool = False  # samples exactly what ComfyUI's CFGGuider samples (the baseline)
     # The main model evaluates more than one cond list per evaluation (False for Autoguidance: one main
     # row, one weak row), so ComfyUI's low-memory path has lists to split.
     splits: bool = True
@@ -156,7 +157,7 @@ def _ppap(guider):
     def build(world, model):
         from guidance_kit.nodes.ppap import TOY_EXPERTS, PPAPGuider, PPAPModelPatch
 
-        options = (_toy_classifier(), TOY_EXPERTS, "colour: red", 30.0)
+        options = (_toy_classifier(), TOY_EXPERTS, "colour: red", 7.5)  # the paper's scale
         if guider:
             return PPAPGuider.execute(model, world.positive, world.negative, CFG, *options)[0]
         return PPAPModelPatch.execute(model, *options)[0]
@@ -166,7 +167,7 @@ def _ppap(guider):
 PPAP_FAMILY = "'experts': .* was trained on a .* model; this model samples as"
 
 TABLE = [
-    Row("Reference CFG Guider", _guider("reference"), guider=True, uses_slot=False),
+    Row("Reference CFG Guider", _guider("reference"), guider=True, uses_slot=False, plain_cfg=True),
     Row("Adaptive Guidance Guider", _guider("ag"), guider=True),
     Row("Adaptive Guidance", _patch("ag"), guider=False),
     Row("LinearAG Guider", _guider("linear_ag"), guider=True,

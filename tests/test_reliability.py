@@ -545,7 +545,7 @@ def test_conditioning_batch_other_than_the_latent_batch_samples_like_comfyui(wor
                                      negative=doubled(world.negative))
     got = run_settings(guider_of(row, mismatched, world.model), (3, "euler", "simple", 3))
     assert got.shape[0] == 3 and torch.isfinite(got).all() and float(got.abs().max()) < 10
-    if not row.uses_slot:
+    if row.plain_cfg:
         stock = cfg_guider(world.model, mismatched.positive, mismatched.negative, CFG)
         assert torch.equal(got, run_settings(stock, (3, "euler", "simple", 3)))
 
