@@ -106,3 +106,17 @@ def build(family: str, seed: int = 0) -> TinyModel:
     _initialise(model.diffusion_model, seed)
     model.eval()
     return TinyModel(family, _patcher(model), positive, negative, channels)
+
+
+class WordClip:
+    """Stand-in CLIP for a tiny model: each text maps to a fixed random embedding (with the model's extras)."""
+
+    def __init__(self, tiny):
+        self.embedding, self.extras = tiny.positive[0]
+
+    def tokenize(self, text):
+        return text
+
+    def encode_from_tokens_scheduled(self, text):
+        seed = sum(map(ord, text)) + 7 * len(text)
+        return [[torch.randn(self.embedding.shape, generator=torch.Generator().manual_seed(seed)), dict(self.extras)]]

@@ -23,20 +23,6 @@ STEPS = 4
 CFG = 4.0
 
 
-class WordClip:
-    """Stand-in CLIP for a tiny model: each text maps to a fixed random embedding (with the model's extras)."""
-
-    def __init__(self, tiny):
-        self.embedding, self.extras = tiny.positive[0]
-
-    def tokenize(self, text):
-        return text
-
-    def encode_from_tokens_scheduled(self, text):
-        seed = sum(map(ord, text)) + 7 * len(text)
-        return [[torch.randn(self.embedding.shape, generator=torch.Generator().manual_seed(seed)), dict(self.extras)]]
-
-
 class BlockRows:
     """Counts the batch rows through each block of a network (forward hooks)."""
 
@@ -235,7 +221,7 @@ def test_sd3_mmdit_trains_through_the_node_and_exits_double_blocks(sd3, tmp_path
     ticks = []
     monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None: ticks.append(
         (value, total)))
-    clip = WordClip(sd3)
+    clip = tiny_models.WordClip(sd3)
     adapter.DeeDiffTrain.execute(sd3.patcher, clip, "a cat\na dog", "", sd3.empty_latent(2), 0, STEPS, CFG,
                                  "euler", "simple", 1.0, 30, 64, 16, 3e-3, 0, "tiny_sd3")
     assert (folder / "tiny_sd3.safetensors").is_file() and not any((folder / ".checkpoints").glob("*"))

@@ -8,6 +8,7 @@ import comfy.utils
 import folder_paths
 
 from harness.sampling import cfg_guider, ksample, sample_guider
+from harness.tiny_models import WordClip
 
 STEPS = 6
 CFG = 5.0
@@ -126,20 +127,6 @@ def test_calibration_from_another_model_is_an_error(calibrated):
     other = tiny_models.build("sd15_eps", seed=1)
     with pytest.raises(ValueError, match="calibrat"):
         linear_ag_guider(other, calibrated)
-
-
-class WordClip:
-    """Stand-in CLIP for the tiny model: each text maps to a fixed random embedding."""
-
-    def __init__(self, tiny):
-        self.embedding, self.extras = tiny.positive[0]
-
-    def tokenize(self, text):
-        return text
-
-    def encode_from_tokens_scheduled(self, text):
-        seed = sum(map(ord, text)) + 7 * len(text)
-        return [[torch.randn(self.embedding.shape, generator=torch.Generator().manual_seed(seed)), dict(self.extras)]]
 
 
 def test_calibrate_node_saves_the_file_and_reports_progress(tiny_eps, tmp_path, monkeypatch):
