@@ -1,5 +1,6 @@
 """Run ComfyUI's real sampling code paths on a model: SamplerCustomAdvanced and KSampler."""
 from .comfy_host import boot
+from .executor import in_executor, run_node
 
 
 def sigmas_for(patcher, steps: int, scheduler: str = "normal"):
@@ -17,8 +18,8 @@ def sample_guider(guider, latent: dict, *, steps: int = 20, sampler: str = "eule
     from comfy_extras.nodes_custom_sampler import Noise_RandomNoise, SamplerCustomAdvanced
 
     sigmas = sigmas_for(guider.model_patcher, steps, scheduler)
-    output = SamplerCustomAdvanced.execute(Noise_RandomNoise(seed), guider, comfy.samplers.sampler_object(sampler),
-                                           sigmas, latent)
+    output = run_node(SamplerCustomAdvanced, Noise_RandomNoise(seed), guider, comfy.samplers.sampler_object(sampler),
+                      sigmas, latent)
     return output[0]["samples"]
 
 
@@ -53,9 +54,10 @@ def switched_cfg_guider(patcher, positive, negative, cfg: float, guided):
 
 def ksample(patcher, positive, negative, latent: dict, *, cfg: float, steps: int = 20, sampler: str = "euler",
             scheduler: str = "normal", seed: int = 0):
-    """Denoise through the stock KSampler node's code path; returns samples."""
+    """Denoise through the stock KSampler node's code path (in the executor's context); returns samples."""
     boot()
     import nodes
 
-    output = nodes.common_ksampler(patcher, seed, steps, cfg, sampler, scheduler, positive, negative, latent)
+    output = in_executor(nodes.common_ksampler, patcher, seed, steps, cfg, sampler, scheduler, positive, negative,
+                         latent)
     return output[0]["samples"]

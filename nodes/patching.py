@@ -20,6 +20,7 @@ inputs; both run the same patched clone (the GUIDER is ComfyUI's CFGGuider over 
 """
 import hashlib
 import math
+import types
 import uuid
 from dataclasses import dataclass
 from typing import Callable
@@ -259,7 +260,25 @@ def install(model, technique: Technique, node_id: str | None = None):
         patched.set_model_sampler_calc_cond_batch_function(calc_cond_batch)
         patched.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, key, predict_noise)
     technique.patch(patched, key)
+    check_clone_safe(patched.model_options, technique.node)
     return patched
+
+
+def check_clone_safe(options, where: str) -> None:
+    """``ModelPatcher.clone`` deep-copies ``model_options``, and a deep copy of a bound method copies the object
+    it is bound to (a technique's weights become inference tensors when a later node clones the model inside
+    ComfyUI's ``torch.inference_mode``).  Hooks must be plain functions or closures, which are shared."""
+    if isinstance(options, dict):
+        values = options.values()
+    elif isinstance(options, (list, tuple)):
+        values = options
+    else:
+        if isinstance(options, types.MethodType):
+            raise TypeError(f"{where}: the hook {options.__qualname__} is a bound method; every clone of the model "
+                            f"would deep-copy its object. Install a closure instead")
+        return
+    for value in values:
+        check_clone_safe(value, where)
 
 
 def check_sampling_inputs(where: str, guider, latent_image: torch.Tensor) -> None:

@@ -246,7 +246,7 @@ class PPAPGuidance(Technique):
 
     def patch(self, patched, key):
         self.key = key
-        patched.set_model_sampler_post_cfg_function(self.guide)
+        patched.set_model_sampler_post_cfg_function(lambda args: self.guide(args))
 
 
 @dataclass

@@ -13,6 +13,7 @@ import torch
 import comfy.samplers
 from comfy_extras.nodes_custom_sampler import SamplerCustomAdvanced
 
+from harness.executor import run_node
 from harness.sampling import cfg_guider, ksample, sample_guider, sigmas_for, switched_cfg_guider
 
 STEPS = 6
@@ -21,8 +22,8 @@ STEPS = 6
 def ag_guider(tiny, threshold, *, measure="denoised", cfg=5.0, start=0.0, end=1.0, model=None):
     from guidance_kit.nodes.adaptive_guidance import AdaptiveGuidanceGuider
 
-    return AdaptiveGuidanceGuider.execute(model or tiny.patcher, tiny.positive, tiny.negative, cfg, threshold, measure,
-                                          start, end)[0]
+    return run_node(AdaptiveGuidanceGuider, model or tiny.patcher, tiny.positive, tiny.negative, cfg, threshold,
+                    measure, start, end)[0]
 
 
 def last_run(guider):
@@ -44,7 +45,7 @@ class FixedNoise:
 def sample_with_noise(guider, noise, *, steps=STEPS, sampler="euler"):
     latent = {"samples": torch.zeros_like(noise)}
     sigmas = sigmas_for(guider.model_patcher, steps)
-    return SamplerCustomAdvanced.execute(FixedNoise(noise), guider, comfy.samplers.sampler_object(sampler), sigmas,
+    return run_node(SamplerCustomAdvanced, FixedNoise(noise), guider, comfy.samplers.sampler_object(sampler), sigmas,
                                          latent)[0]["samples"]
 
 
@@ -70,7 +71,7 @@ def test_model_patch_threshold_one_is_plain_ksampler(tiny_eps):
     from guidance_kit.nodes.adaptive_guidance import AdaptiveGuidanceModelPatch
 
     latent = tiny_eps.empty_latent(batch=2)
-    patched = AdaptiveGuidanceModelPatch.execute(tiny_eps.patcher, 1.0, "auto", 0.0, 1.0)[0]
+    patched = run_node(AdaptiveGuidanceModelPatch, tiny_eps.patcher, 1.0, "auto", 0.0, 1.0)[0]
     expected = ksample(tiny_eps.patcher, tiny_eps.positive, tiny_eps.negative, latent, cfg=5.0, steps=STEPS)
     assert torch.equal(ksample(patched, tiny_eps.positive, tiny_eps.negative, latent, cfg=5.0, steps=STEPS), expected)
 
@@ -123,7 +124,7 @@ def test_model_patch_with_ksampler_matches_the_guider(tiny_eps):
     threshold = cosines[first_rise(cosines, 2)]
     guider = ag_guider(tiny_eps, threshold)
     expected = sample_guider(guider, latent, steps=STEPS, seed=2)
-    patched = AdaptiveGuidanceModelPatch.execute(tiny_eps.patcher, threshold, "denoised", 0.0, 1.0)[0]
+    patched = run_node(AdaptiveGuidanceModelPatch, tiny_eps.patcher, threshold, "denoised", 0.0, 1.0)[0]
     got = ksample(patched, tiny_eps.positive, tiny_eps.negative, latent, cfg=5.0, steps=STEPS, seed=2)
     assert torch.equal(got, expected)
     assert last_run(guider).rows < last_run(guider).baseline_rows

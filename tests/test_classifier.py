@@ -19,6 +19,7 @@ from guidance_kit.samplers.classifier import (
 )
 from guidance_kit.toyworld import scenes, weights
 from harness import tiny_models
+from harness.executor import run_node
 
 WHERE = "test"
 
@@ -131,7 +132,7 @@ def test_clip_zero_shot_matches_comfyui_encode_image(tiny_clip_vision):
     from guidance_kit.nodes.toyworld import load_clip
 
     clip = load_clip(weights.MAIN_WEIGHTS)
-    classifier = ClipZeroShotClassifier.execute(tiny_clip_vision, clip, "colour: red, blue=deep blue\nshape: circle, "
+    classifier = run_node(ClipZeroShotClassifier, tiny_clip_vision, clip, "colour: red, blue=deep blue\nshape: circle, "
                                                 "square, triangle", "a {} circle", "auto")[0]
     assert classifier.heads == {"colour": ("red", "blue"), "shape": ("circle", "square", "triangle")}
     assert classifier.phrase("colour", 1) == "deep blue"
@@ -155,9 +156,9 @@ def test_clip_zero_shot_rejects_a_mismatched_text_encoder(tiny_clip_vision):
             return None, torch.ones(1, 64)
 
     with pytest.raises(ValueError, match="CLIP Zero-Shot Classifier 'clip'.*64 dimensions.*128"):
-        ClipZeroShotClassifier.execute(tiny_clip_vision, WideClip(), "a, b", "{}", "auto")
+        run_node(ClipZeroShotClassifier, tiny_clip_vision, WideClip(), "a, b", "{}", "auto")
     with pytest.raises(ValueError, match="'template'"):
-        ClipZeroShotClassifier.execute(tiny_clip_vision, WideClip(), "a, b", "no slot", "auto")
+        run_node(ClipZeroShotClassifier, tiny_clip_vision, WideClip(), "a, b", "no slot", "auto")
 
 
 def test_pixel_reader_per_latent_format(toy, tiny_eps):
@@ -173,8 +174,8 @@ def test_pixel_reader_per_latent_format(toy, tiny_eps):
     assert rgb.shape == (2, 3, 8, 8)
     assert torch.allclose(rgb, torch.einsum("bchw,cr->brhw", sd_latent, factors).clamp(-1, 1))
     with pytest.raises(ValueError, match="Load Classifier: pixel_source 'vae' needs the 'vae' input"):
-        LoadClassifier.execute("toy_classifier.safetensors (toy world)", "vae")
-    loaded = LoadClassifier.execute("toy_classifier.safetensors (toy world)", "latent_rgb")[0]
+        run_node(LoadClassifier, "toy_classifier.safetensors (toy world)", "vae")
+    loaded = run_node(LoadClassifier, "toy_classifier.safetensors (toy world)", "latent_rgb")[0]
     assert isinstance(loaded, Classifier) and loaded.pixel_source == "latent_rgb"
     assert loaded.fingerprint == toy.fingerprint
 

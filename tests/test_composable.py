@@ -17,6 +17,7 @@ from guidance_kit.nodes.composable import (
 )
 from guidance_kit.nodes.stats_wrappers import stats_sink
 from guidance_kit.samplers.composable import ConvergenceTracker, combine_step, compose, plan_step
+from harness.executor import run_node
 from harness.sampling import cfg_guider, ksample, sample_guider
 
 STEPS = 4
@@ -27,12 +28,12 @@ def composition(*concepts):
     """Chain Composable Concept nodes over (conditioning, weight) pairs."""
     out = None
     for conditioning, weight in concepts:
-        out = ComposableConcept.execute(conditioning, weight, out)[0]
+        out = run_node(ComposableConcept, conditioning, weight, out)[0]
     return out
 
 
 def guider(model, positive, negative, cfg, threshold=1.0):
-    return ComposableGuider.execute(model, positive, negative, cfg, threshold)[0]
+    return run_node(ComposableGuider, model, positive, negative, cfg, threshold)[0]
 
 
 def other_prompt(tiny, seed=11, tokens=8):
@@ -173,7 +174,7 @@ def test_ksampler_with_the_patch_equals_the_guider(tiny):
     latent = tiny.empty_latent(batch=2)
     for cfg in (4.0, 1.0) if tiny.family == "sd15_eps" else (4.0,):
         expected = sample_guider(guider(tiny.patcher, composed, tiny.negative, cfg), latent, steps=STEPS, seed=4)
-        patched = ComposableModelPatch.execute(tiny.patcher, 1.0)[0]
+        patched = run_node(ComposableModelPatch, tiny.patcher, 1.0)[0]
         got = ksample(patched, composed, tiny.negative, latent, cfg=cfg, steps=STEPS, seed=4)
         assert torch.equal(got, expected)
         assert stats_sink(patched).last.evaluations[0].rows == 3 * 2  # cfg 1 still evaluates the unconditional
@@ -235,7 +236,7 @@ def test_one_concept_with_a_threshold_is_adaptive_guidance(tiny_eps):
     from guidance_kit.nodes.adaptive_guidance import AdaptiveGuidanceGuider
 
     latent = tiny_eps.empty_latent(batch=2)
-    ag = AdaptiveGuidanceGuider.execute(tiny_eps.patcher, tiny_eps.positive, tiny_eps.negative, 5.0, 0.999,
+    ag = run_node(AdaptiveGuidanceGuider, tiny_eps.patcher, tiny_eps.positive, tiny_eps.negative, 5.0, 0.999,
                                         "denoised", 0.0, 1.0)[0]
     expected = sample_guider(ag, latent, steps=6, seed=7)
     composed = guider(tiny_eps.patcher, tiny_eps.positive, tiny_eps.negative, 5.0, threshold=0.999)
@@ -275,7 +276,7 @@ class StubClip:
 
 
 def test_prompt_node_encodes_each_concept_with_its_weight():
-    composed = ComposablePrompt.execute(StubClip(), "a red circle AND a blue square :0.8 AND NOT green", 2.0)[0]
+    composed = run_node(ComposablePrompt, StubClip(), "a red circle AND a blue square :0.8 AND NOT green", 2.0)[0]
     assert [options["text"] for _, options in composed] == ["a red circle", "a blue square", "green"]
     assert [options["guidance_kit_concept_weight"] for _, options in composed] == [2.0, 0.8, -2.0]
     assert len({options["guidance_kit_concept"] for _, options in composed}) == 3
@@ -289,10 +290,10 @@ def test_prompt_node_encodes_each_concept_with_its_weight():
                       4.0), "concept 2's conditioning is 32 wide"),
     (lambda t: guider(t.patcher, t.positive, t.negative, 4.0, threshold=1.5),
      "Composable: 'threshold' must be a finite number in (0, 1]"),
-    (lambda t: ComposableConcept.execute(composition((t.positive, 1.0)), 1.0, None), "already a composition"),
-    (lambda t: ComposablePrompt.execute(StubClip(), "a AND AND b", 1.0),
+    (lambda t: run_node(ComposableConcept, composition((t.positive, 1.0)), 1.0, None), "already a composition"),
+    (lambda t: run_node(ComposablePrompt, StubClip(), "a AND AND b", 1.0),
      "'text': empty concept before 'AND' at position 6"),
-    (lambda t: ComposablePrompt.execute(StubClip(), "a :0 AND b :0", 1.0), "every concept weight is 0"),
+    (lambda t: run_node(ComposablePrompt, StubClip(), "a :0 AND b :0", 1.0), "every concept weight is 0"),
 ])
 def test_clear_errors(tiny_eps, call, message):
     with pytest.raises(ValueError, match=re.escape(message)):

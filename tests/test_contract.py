@@ -22,6 +22,7 @@ from comfy_extras.nodes_apg import APG
 from comfy_extras.nodes_perpneg import PerpNegGuider
 from comfy_extras.nodes_slg import SkipLayerGuidanceDiTSimple
 
+from harness.executor import run_node
 from harness.sampling import cfg_guider, sample_guider
 
 STEPS, BATCH, CFG = 3, 2, 4.0
@@ -47,18 +48,18 @@ def world():
     from guidance_kit.nodes.linear_ag import calibrate
     from guidance_kit.nodes.toyworld import ToyWorldEmptyLatent, ToyWorldLoader
 
-    model, clip, _ = ToyWorldLoader.execute("toy_dit.safetensors")
+    model, clip, _ = run_node(ToyWorldLoader, "toy_dit.safetensors")
     encode = nodes.CLIPTextEncode().encode
     positive, negative = encode(clip, "a red circle on the left")[0], encode(clip, "")[0]
-    composition = ComposablePrompt.execute(clip, "a red circle AND a blue square", 1.0)[0]
-    calibration = calibrate(model, [positive], negative, ToyWorldEmptyLatent.execute(1)[0], seed=0, steps=STEPS,
+    composition = run_node(ComposablePrompt, clip, "a red circle AND a blue square", 1.0)[0]
+    calibration = calibrate(model, [positive], negative, run_node(ToyWorldEmptyLatent, 1)[0], seed=0, steps=STEPS,
                             cfg=CFG, sampler_name="euler", scheduler="simple")
     from guidance_kit.nodes.classifier import TOY_CHOICE, LoadClassifier
     from guidance_kit.nodes.deediff import DeeDiffLoad
 
-    weak = ToyWorldLoader.execute("toy_dit_weak.safetensors")[0]
+    weak = run_node(ToyWorldLoader, "toy_dit_weak.safetensors")[0]
     return World(model, positive, composition, negative, calibration, clip, weak,
-                 LoadClassifier.execute(TOY_CHOICE, "auto")[0], DeeDiffLoad.execute("toy_dit_heads.safetensors")[0])
+                 run_node(LoadClassifier, TOY_CHOICE, "auto")[0], run_node(DeeDiffLoad, "toy_dit_heads.safetensors")[0])
 
 
 @dataclass(frozen=True)
@@ -101,14 +102,14 @@ def _reference_guidance(name, guider):
 
         if name == "atg":
             if guider:
-                return gfcg.AutoguidanceGuider.execute(model=model, positive=world.positive, negative=world.negative,
+                return run_node(gfcg.AutoguidanceGuider, model=model, positive=world.positive, negative=world.negative,
                                                        cfg=CFG, weak_model=world.weak)[0]
-            return gfcg.AutoguidanceModelPatch.execute(model, weak_model=world.weak)[0]
+            return run_node(gfcg.AutoguidanceModelPatch, model, weak_model=world.weak)[0]
         options = _gfcg_options(world, weak=name == "gfcg_atg")
         if guider:
-            return gfcg.GFCGGuider.execute(model=model, positive=world.positive, negative=world.negative, cfg=CFG,
+            return run_node(gfcg.GFCGGuider, model=model, positive=world.positive, negative=world.negative, cfg=CFG,
                                            **options)[0]
-        return gfcg.GFCGModelPatch.execute(model, **options)[0]
+        return run_node(gfcg.GFCGModelPatch, model, **options)[0]
     return build
 
 
@@ -116,14 +117,14 @@ def _guider(name):
     def build(world, model):
         ag, composable, linear_ag, reference, _ = _nodes()
         if name == "reference":
-            return reference.ReferenceCFGGuider.execute(model, world.positive, world.negative, CFG)[0]
+            return run_node(reference.ReferenceCFGGuider, model, world.positive, world.negative, CFG)[0]
         if name == "ag":
-            return ag.AdaptiveGuidanceGuider.execute(model, world.positive, world.negative, CFG, threshold=0.98,
+            return run_node(ag.AdaptiveGuidanceGuider, model, world.positive, world.negative, CFG, threshold=0.98,
                                                      measure="auto", start_percent=0.0, end_percent=1.0)[0]
         if name == "linear_ag":
-            return linear_ag.LinearAGGuider.execute(model, world.positive, world.negative, CFG,
+            return run_node(linear_ag.LinearAGGuider, model, world.positive, world.negative, CFG,
                                                     linear_ag=world.calibration, true_every=2, guided_until=0.7)[0]
-        return composable.ComposableGuider.execute(model, world.composition, world.negative, CFG, threshold=0.99)[0]
+        return run_node(composable.ComposableGuider, model, world.composition, world.negative, CFG, threshold=0.99)[0]
     return build
 
 
@@ -131,14 +132,14 @@ def _patch(name):
     def build(world, model):
         ag, composable, linear_ag, _, deediff = _nodes()
         if name == "deediff":
-            return deediff.DeeDiffModelPatch.execute(model, world.heads, threshold=DEEDIFF_THRESHOLD)[0]
+            return run_node(deediff.DeeDiffModelPatch, model, world.heads, threshold=DEEDIFF_THRESHOLD)[0]
         if name == "ag":
-            return ag.AdaptiveGuidanceModelPatch.execute(model, threshold=0.98, measure="auto", start_percent=0.0,
+            return run_node(ag.AdaptiveGuidanceModelPatch, model, threshold=0.98, measure="auto", start_percent=0.0,
                                                          end_percent=1.0)[0]
         if name == "linear_ag":
-            return linear_ag.LinearAGModelPatch.execute(model, linear_ag=world.calibration, true_every=2,
+            return run_node(linear_ag.LinearAGModelPatch, model, linear_ag=world.calibration, true_every=2,
                                                         guided_until=0.7)[0]
-        return composable.ComposableModelPatch.execute(model, threshold=0.99)[0]
+        return run_node(composable.ComposableModelPatch, model, threshold=0.99)[0]
     return build
 
 
@@ -159,8 +160,8 @@ def _ppap(guider):
 
         options = (_toy_classifier(), TOY_EXPERTS, "colour: red", 7.5)  # the paper's scale
         if guider:
-            return PPAPGuider.execute(model, world.positive, world.negative, CFG, *options)[0]
-        return PPAPModelPatch.execute(model, *options)[0]
+            return run_node(PPAPGuider, model, world.positive, world.negative, CFG, *options)[0]
+        return run_node(PPAPModelPatch, model, *options)[0]
     return build
 
 
@@ -201,7 +202,7 @@ def guider_of(row, world, model):
 def sample(guider, steps=STEPS, seed=0):
     from guidance_kit.nodes.toyworld import ToyWorldEmptyLatent
 
-    return sample_guider(guider, ToyWorldEmptyLatent.execute(BATCH)[0], steps=steps, scheduler="simple", seed=seed)
+    return sample_guider(guider, run_node(ToyWorldEmptyLatent, BATCH)[0], steps=steps, scheduler="simple", seed=seed)
 
 
 def assert_image(samples):
@@ -288,11 +289,11 @@ def test_every_pair_of_pack_nodes_stacks(world, first, second):
 
 
 def _slg(model):
-    return SkipLayerGuidanceDiTSimple.execute(model, 0.0, 1.0, double_layers="", single_layers="3")[0]
+    return run_node(SkipLayerGuidanceDiTSimple, model, 0.0, 1.0, double_layers="", single_layers="3")[0]
 
 
 def _apg(model):
-    return APG.execute(model, 0.5, 0.0, 0.0)[0]
+    return run_node(APG, model, 0.5, 0.0, 0.0)[0]
 
 
 @pytest.mark.parametrize("row", TABLE, ids=ids)
@@ -316,7 +317,7 @@ def test_comfyui_patches_on_top(world, row):
 @pytest.mark.parametrize("row", PATCHES + TABLE[:1], ids=[row.node for row in PATCHES + TABLE[:1]])
 def test_perp_neg_guider(world, row):
     model = row.build(world, world.model) if not row.guider else world.model
-    guider = PerpNegGuider.execute(model, row.positive(world), world.negative, world.negative, CFG, 1.0)[0]
+    guider = run_node(PerpNegGuider, model, row.positive(world), world.negative, world.negative, CFG, 1.0)[0]
     if not row.uses_slot:
         assert_image(sample(guider))
         return
@@ -353,7 +354,7 @@ def test_sub_batched_unconditional_broadcasts_a_mask_like_comfyui(tiny_eps):
 
     def run(negative_mask, threshold):
         negative = [[embedding, {**extras, "mask": negative_mask, "mask_strength": 1.0, "set_area_to_bounds": False}]]
-        guider = AdaptiveGuidanceGuider.execute(tiny_eps.patcher, tiny_eps.positive, negative, 5.0,
+        guider = run_node(AdaptiveGuidanceGuider, tiny_eps.patcher, tiny_eps.positive, negative, 5.0,
                                                 threshold=threshold, measure="denoised", start_percent=0.0,
                                                 end_percent=1.0)[0]
         samples = sample_guider(guider, tiny_eps.empty_latent(batch=4), steps=6, seed=2)

@@ -16,6 +16,7 @@ import comfy.utils
 import folder_paths
 
 from harness import tiny_models
+from harness.executor import run_node
 from harness.sampling import cfg_guider, sample_guider
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,7 +82,7 @@ def toy_heads(toy):
     from guidance_kit.nodes.toyworld import ToyWorldEmptyLatent
 
     return quick_heads(*toy, ["a large red circle on the left", "a blue square above a mirror"],
-                       ToyWorldEmptyLatent.execute(2)[0])
+                       run_node(ToyWorldEmptyLatent, 2)[0])
 
 
 def toy_sample(model, clip, prompt="a small green triangle in the center", batch=3, seed=5):
@@ -90,7 +91,7 @@ def toy_sample(model, clip, prompt="a small green triangle in the center", batch
     guider = cfg_guider(model, clip.encode_from_tokens_scheduled(clip.tokenize(prompt)),
                         clip.encode_from_tokens_scheduled(clip.tokenize("")), CFG)
     with BlockRows(model.model.diffusion_model.blocks) as counter:
-        samples = sample_guider(guider, ToyWorldEmptyLatent.execute(batch)[0], steps=STEPS, scheduler="simple",
+        samples = sample_guider(guider, run_node(ToyWorldEmptyLatent, batch)[0], steps=STEPS, scheduler="simple",
                                 seed=seed)
     return samples, counter.rows, guider
 
@@ -158,7 +159,7 @@ def test_stacks_with_adaptive_guidance(toy, toy_heads):
 
     model, clip = toy
     trained, features = toy_heads
-    stacked = patch_deediff(AdaptiveGuidanceModelPatch.execute(model, 0.9, "auto", 0.0, 1.0)[0], trained,
+    stacked = patch_deediff(run_node(AdaptiveGuidanceModelPatch, model, 0.9, "auto", 0.0, 1.0)[0], trained,
                             median_confidence(trained, features))
     _, rows, guider = toy_sample(stacked, clip)
     run = last_run(guider)
@@ -222,12 +223,12 @@ def test_sd3_mmdit_trains_through_the_node_and_exits_double_blocks(sd3, tmp_path
     monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None: ticks.append(
         (value, total)))
     clip = tiny_models.WordClip(sd3)
-    adapter.DeeDiffTrain.execute(sd3.patcher, clip, "a cat\na dog", "", sd3.empty_latent(2), 0, STEPS, CFG,
+    run_node(adapter.DeeDiffTrain, sd3.patcher, clip, "a cat\na dog", "", sd3.empty_latent(2), 0, STEPS, CFG,
                                  "euler", "simple", 1.0, 30, 64, 16, 3e-3, 0, "tiny_sd3")
     assert (folder / "tiny_sd3.safetensors").is_file() and not any((folder / ".checkpoints").glob("*"))
     total = 2 * STEPS + 2 * STEPS * 2 * 2 + 30
     assert ticks[-1] == (total, total)
-    trained = adapter.DeeDiffLoad.execute("tiny_sd3.safetensors")[0]
+    trained = run_node(adapter.DeeDiffLoad, "tiny_sd3.safetensors")[0]
     assert trained.identity["architecture"] == "sd3_mmdit" and trained.identity["blocks"] == 2
     assert trained.metadata["settings"]["steps"] == 30 and trained.identity["data"]["prompts"] == 2
 
@@ -238,9 +239,9 @@ def test_sd3_mmdit_trains_through_the_node_and_exits_double_blocks(sd3, tmp_path
         return samples, counter.rows
 
     reference, full_rows = sample(sd3.patcher)
-    unchanged, rows = sample(adapter.DeeDiffModelPatch.execute(sd3.patcher, trained, 1.0)[0])
+    unchanged, rows = sample(run_node(adapter.DeeDiffModelPatch, sd3.patcher, trained, 1.0)[0])
     assert torch.equal(unchanged, reference) and rows == full_rows
-    _, rows = sample(adapter.DeeDiffModelPatch.execute(sd3.patcher, trained, 0.0)[0])
+    _, rows = sample(run_node(adapter.DeeDiffModelPatch, sd3.patcher, trained, 0.0)[0])
     assert rows == [full_rows[0], 0]  # every row leaves after the first double block
     with pytest.raises(ValueError, match=r"'heads' were trained for another model \(architecture"):
         adapter.patch_deediff(sd3.patcher, trained.__class__(trained.heads, {**trained.identity, "architecture":

@@ -15,6 +15,7 @@ import nodes
 
 from guidance_kit.toyworld import weights
 from harness import tiny_models
+from harness.executor import run_node
 from harness.sampling import cfg_guider, ksample, sample_guider
 
 PROMPT = "a large red circle on the left"
@@ -28,14 +29,14 @@ def toy():
     clip = load_clip(weights.MAIN_WEIGHTS)
     encode = nodes.CLIPTextEncode().encode
     return {"model": load_model(weights.MAIN_WEIGHTS), "weak": load_model(weights.WEAK_WEIGHTS), "clip": clip,
-            "classifier": LoadClassifier.execute(TOY_CHOICE, "auto")[0], "positive": encode(clip, PROMPT)[0],
+            "classifier": run_node(LoadClassifier, TOY_CHOICE, "auto")[0], "positive": encode(clip, PROMPT)[0],
             "negative": encode(clip, "")[0], "encode": lambda text: encode(clip, text)[0]}
 
 
 def toy_latent(batch):
     from guidance_kit.nodes.toyworld import ToyWorldEmptyLatent
 
-    return ToyWorldEmptyLatent.execute(batch)[0]
+    return run_node(ToyWorldEmptyLatent, batch)[0]
 
 
 def last_run(guider_or_model):
@@ -50,7 +51,7 @@ def gfcg_guider(toy, cfg=1.5, *, targets="", scale=4.0, confidence=0.9, start_pe
     from guidance_kit.nodes.gfcg import GFCGGuider
 
     options = {"weak_model": weak} if weak is not None else {}
-    return GFCGGuider.execute(model=model or toy["model"], positive=toy["encode"](prompt), negative=toy["negative"],
+    return run_node(GFCGGuider, model=model or toy["model"], positive=toy["encode"](prompt), negative=toy["negative"],
                               cfg=cfg, classifier=toy["classifier"], clip=toy["clip"], prompt=prompt,
                               targets=targets, scale=scale, confidence=confidence, start_percent=start_percent,
                               every=every,
@@ -60,7 +61,7 @@ def gfcg_guider(toy, cfg=1.5, *, targets="", scale=4.0, confidence=0.9, start_pe
 def atg_guider(model, weak, positive, negative, weight):
     from guidance_kit.nodes.gfcg import AutoguidanceGuider
 
-    return AutoguidanceGuider.execute(model=model, positive=positive, negative=negative, cfg=weight,
+    return run_node(AutoguidanceGuider, model=model, positive=positive, negative=negative, cfg=weight,
                                       weak_model=weak)[0]
 
 
@@ -232,7 +233,7 @@ def test_autoguidance_is_the_weak_to_main_extrapolation_on_every_family(tiny, we
 def test_autoguidance_patch_with_ksampler(tiny_eps, weak_tiny):
     from guidance_kit.nodes.gfcg import AutoguidanceModelPatch
 
-    patched = AutoguidanceModelPatch.execute(tiny_eps.patcher, weak_tiny["sd15_eps"].patcher)[0]
+    patched = run_node(AutoguidanceModelPatch, tiny_eps.patcher, weak_tiny["sd15_eps"].patcher)[0]
     latent = tiny_eps.empty_latent(batch=1)
     out = ksample(patched, tiny_eps.positive, tiny_eps.negative, latent, cfg=2.0, steps=3, seed=1)
     expected = sample_guider(ManualAutoguidance(tiny_eps.patcher, weak_tiny["sd15_eps"].patcher, tiny_eps.positive,
@@ -275,7 +276,7 @@ def test_gfcg_and_autoguidance_on_every_family(tiny, weak_tiny, toy, reference_r
     classifier = toy["classifier"].with_pixel_source("latent_rgb")
     for weak in (None, weak_tiny[tiny.family].patcher):
         options = {} if weak is None else {"weak_model": weak}
-        patched = GFCGModelPatch.execute(tiny.patcher, classifier, clip, PROMPT, "colour=red", 3.0, 1.0, 0.0,
+        patched = run_node(GFCGModelPatch, tiny.patcher, classifier, clip, PROMPT, "colour=red", 3.0, 1.0, 0.0,
                                          1, reference_row, **options)[0]
         out = ksample(patched, positive, tiny.negative, tiny.empty_latent(batch=2), cfg=2.0, steps=3, seed=2)
         assert torch.isfinite(out).all()

@@ -7,6 +7,7 @@ import torch
 import comfy.utils
 import folder_paths
 
+from harness.executor import run_node
 from harness.sampling import cfg_guider, ksample, sample_guider
 from harness.tiny_models import WordClip
 
@@ -32,7 +33,7 @@ def calibrated(tiny_eps):
 def linear_ag_guider(tiny, calibration, true_every=2, guided_until=0.5, positive=None, negative=None, model=None):
     from guidance_kit.nodes.linear_ag import LinearAGGuider
 
-    return LinearAGGuider.execute(model or tiny.patcher, positive or tiny.positive, negative or tiny.negative, CFG,
+    return run_node(LinearAGGuider, model or tiny.patcher, positive or tiny.positive, negative or tiny.negative, CFG,
                                   calibration, true_every, guided_until)[0]
 
 
@@ -100,7 +101,7 @@ def test_model_patch_with_ksampler_matches_the_guider(tiny_eps, calibrated):
 
     latent = tiny_eps.empty_latent(batch=1)
     expected = sample_guider(linear_ag_guider(tiny_eps, calibrated), latent, steps=STEPS, seed=3)
-    patched = LinearAGModelPatch.execute(tiny_eps.patcher, calibrated, 2, 0.5)[0]
+    patched = run_node(LinearAGModelPatch, tiny_eps.patcher, calibrated, 2, 0.5)[0]
     got = ksample(patched, tiny_eps.positive, tiny_eps.negative, latent, cfg=CFG, steps=STEPS, seed=3)
     assert torch.equal(got, expected)
 
@@ -136,13 +137,13 @@ def test_calibrate_node_saves_the_file_and_reports_progress(tiny_eps, tmp_path, 
     ticks = []
     monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None: ticks.append(
         (value, total)))
-    calibration = LinearAGCalibrate.execute(tiny_eps.patcher, WordClip(tiny_eps), "a cat\n\n a dog \n", "blurry",
+    calibration = run_node(LinearAGCalibrate, tiny_eps.patcher, WordClip(tiny_eps), "a cat\n\n a dog \n", "blurry",
                                             tiny_eps.empty_latent(batch=1), 0, 4, CFG, "euler", "normal",
                                             "tiny")[0]
     assert (tmp_path / "tiny.safetensors").is_file()
     assert ticks[-1] == (8, 8) and len(ticks) == 8
-    loaded = LinearAGLoad.execute("tiny.safetensors")[0]
+    loaded = run_node(LinearAGLoad, "tiny.safetensors")[0]
     assert torch.equal(loaded.coefficients, calibration.coefficients) and loaded.info["prompts"] == 2
     with pytest.raises(ValueError, match="filename"):
-        LinearAGCalibrate.execute(tiny_eps.patcher, WordClip(tiny_eps), "a cat", "", tiny_eps.empty_latent(batch=1),
+        run_node(LinearAGCalibrate, tiny_eps.patcher, WordClip(tiny_eps), "a cat", "", tiny_eps.empty_latent(batch=1),
                                   0, 4, CFG, "euler", "normal", "../escape")

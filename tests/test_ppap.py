@@ -12,6 +12,7 @@ import torch
 
 import nodes
 
+from harness.executor import run_node
 from harness.sampling import ksample, sample_guider
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,7 +41,7 @@ def train_tiny(model, classifier, conditioning, latent, out, work=None, **settin
 def empty_latent(batch):
     from guidance_kit.nodes.toyworld import ToyWorldEmptyLatent
 
-    return ToyWorldEmptyLatent.execute(batch)[0]
+    return run_node(ToyWorldEmptyLatent, batch)[0]
 
 
 def test_training_is_data_free_resumable_and_moves_only_the_adapters(toy, tmp_path, monkeypatch):
@@ -102,7 +103,7 @@ def test_shipped_experts_steer_unconditional_samples_toward_a_colour(toy):
     from guidance_kit.toyworld import oracle
 
     model, empty, classifier = toy
-    patched = PPAPModelPatch.execute(model, classifier, TOY_EXPERTS, "colour: red", 30.0)[0]
+    patched = run_node(PPAPModelPatch, model, classifier, TOY_EXPERTS, "colour: red", 30.0)[0]
     vae = pixel_space_vae()
     counts = {}
     for label, which in (("plain", model), ("ppap", patched)):
@@ -123,7 +124,7 @@ def test_guidance_also_works_with_cfg_on(toy):
     model, empty, classifier = toy
     probabilities = {}
     for scale in (0.0, 30.0):
-        guider = PPAPGuider.execute(model, empty, empty, 3.0, classifier, TOY_EXPERTS, "colour: blue", scale)[0]
+        guider = run_node(PPAPGuider, model, empty, empty, 3.0, classifier, TOY_EXPERTS, "colour: blue", scale)[0]
         samples = sample_guider(guider, empty_latent(4), steps=10, scheduler="simple", seed=2)
         with torch.no_grad():
             probabilities[scale] = float(classifier.probabilities(samples)["colour"][:, 5].mean())
@@ -208,29 +209,29 @@ def test_errors_name_the_node_and_input(toy, tiny_eps, experts_folder):
     model, empty, classifier = toy
     shipped = weights.WEIGHTS_DIR / TOY_EXPERTS
     with pytest.raises(ValueError, match=r"PPAP 'target': 'mauve' is no class"):
-        PPAPModelPatch.execute(model, classifier, TOY_EXPERTS, "mauve", 7.5)
+        run_node(PPAPModelPatch, model, classifier, TOY_EXPERTS, "mauve", 7.5)
     with pytest.raises(ValueError, match=r"PPAP 'target'.*'pink' is not a class of head 'colour'"):
-        PPAPModelPatch.execute(model, classifier, TOY_EXPERTS, "colour: pink", 7.5)
+        run_node(PPAPModelPatch, model, classifier, TOY_EXPERTS, "colour: pink", 7.5)
     with pytest.raises(ValueError, match=r"PPAP: 'scale' must be a finite number"):
-        PPAPModelPatch.execute(model, classifier, TOY_EXPERTS, "colour: red", float("nan"))
+        run_node(PPAPModelPatch, model, classifier, TOY_EXPERTS, "colour: red", float("nan"))
     # another base classifier: same architecture, other weights
     other = classifier.network.__class__(**classifier.network.config)
     save_classifier(experts_folder / "other.safetensors", other, "toyworld.ToyClassifier", dict(classifier.heads),
                     input_size=(32, 32))
     with pytest.raises(ValueError, match=r"PPAP 'experts'.*trained for the classifier 'toy_classifier'"):
-        PPAPModelPatch.execute(model, load_classifier(experts_folder / "other.safetensors", "t"), TOY_EXPERTS,
+        run_node(PPAPModelPatch, model, load_classifier(experts_folder / "other.safetensors", "t"), TOY_EXPERTS,
                                "colour: red", 7.5)
     with pytest.raises(ValueError, match=r"PPAP 'experts'.*expects \(32, 32\) inputs.*\(16, 16\)"):
-        PPAPModelPatch.execute(model, replace(classifier, input_size=(16, 16)), TOY_EXPERTS, "colour: red", 7.5)
+        run_node(PPAPModelPatch, model, replace(classifier, input_size=(16, 16)), TOY_EXPERTS, "colour: red", 7.5)
     with pytest.raises(ValueError, match=r"PPAP 'experts'.*trained on a ModelSamplingDiscreteFlow\+CONST"):
-        PPAPModelPatch.execute(tiny_eps.patcher, classifier, TOY_EXPERTS, "colour: red", 7.5)
+        run_node(PPAPModelPatch, tiny_eps.patcher, classifier, TOY_EXPERTS, "colour: red", 7.5)
     # noise ranges that stop below the schedule's first sigma: raised when sampling starts
     loaded, _ = ppap.load_experts(shipped, classifier, "t")
     short = loaded.ranges.clone()
     short[-1, 1] = 0.9
     ppap.save_experts(experts_folder / "short.safetensors", loaded.experts, short, classifier, rank=4, alpha=4.0,
                       info={"model": {"sampling": "ModelSamplingDiscreteFlow+CONST"}})
-    guider = PPAPGuider.execute(model, empty, empty, 1.0, classifier, "short.safetensors", "colour: red", 7.5)[0]
+    guider = run_node(PPAPGuider, model, empty, empty, 1.0, classifier, "short.safetensors", "colour: red", 7.5)[0]
     with pytest.raises(ValueError, match=r"PPAP 'experts': the schedule starts at sigma 1 but the experts "
                                          r"cover sigma 0 to 0.9"):
         sample_guider(guider, empty_latent(1), steps=2, scheduler="simple")
@@ -245,8 +246,8 @@ def test_train_node_writes_a_loadable_bundle_with_a_progress_bar(toy, experts_fo
     ticks = []
     monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None:
                         ticks.append((value, total)))
-    name = PPAPTrainExperts.execute(model, empty, empty, 1.0, classifier, empty_latent(4), 4, "euler", "simple", 2,
+    name = run_node(PPAPTrainExperts, model, empty, empty, 1.0, classifier, empty_latent(4), 4, "euler", "simple", 2,
                                     1, 2, 4, 1e-3, 2, 0, "tiny")[0]
     assert name == "tiny.safetensors" and (experts_folder / name).is_file()
     assert ticks[-1] == (1 + 2, 1 + 2)  # one sampling batch + 1 expert x 2 steps
-    PPAPModelPatch.execute(model, classifier, name, "shape: circle", 7.5)
+    run_node(PPAPModelPatch, model, classifier, name, "shape: circle", 7.5)

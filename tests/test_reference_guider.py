@@ -1,13 +1,14 @@
 """The reference guider reproduces ComfyUI's CFGGuider exactly and counts model rows."""
 import torch
 
+from harness.executor import run_node
 from harness.sampling import cfg_guider, sample_guider
 
 
 def reference_guider(model, positive, negative, cfg):
     from guidance_kit.nodes.reference_guider import ReferenceCFGGuider
 
-    return ReferenceCFGGuider.execute(model, positive, negative, cfg)[0]
+    return run_node(ReferenceCFGGuider, model, positive, negative, cfg)[0]
 
 
 def test_identical_to_cfg_guider_on_every_family(tiny):

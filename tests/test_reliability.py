@@ -25,6 +25,7 @@ import folder_paths
 import nodes
 from comfy.patcher_extension import WrappersMP
 
+from harness.executor import run_node
 from harness.sampling import cfg_guider, sample_guider
 
 FIGURES = {"sampling runs": 0, "inputs tried": 0}
@@ -52,7 +53,7 @@ def named(node: str) -> str:
 def toy():
     from guidance_kit.nodes.toyworld import ToyWorldLoader
 
-    model, clip, _ = ToyWorldLoader.execute("toy_dit.safetensors")
+    model, clip, _ = run_node(ToyWorldLoader, "toy_dit.safetensors")
     encode = nodes.CLIPTextEncode().encode
     return {"model": model, "clip": clip, "positive": encode(clip, "a red circle on the left")[0],
             "negative": encode(clip, "")[0]}
@@ -71,7 +72,7 @@ def linear_ag_folder(tmp_path, monkeypatch):
 def latent(batch):
     from guidance_kit.nodes.toyworld import ToyWorldEmptyLatent
 
-    return ToyWorldEmptyLatent.execute(batch)[0]
+    return run_node(ToyWorldEmptyLatent, batch)[0]
 
 
 def calibrate_node(toy, filename, **overrides):
@@ -80,7 +81,7 @@ def calibrate_node(toy, filename, **overrides):
     inputs = dict(model=toy["model"], clip=toy["clip"], prompts="a red circle\na blue square", negative_prompt="",
                   latent=latent(1), seed=0, steps=3, cfg=CFG, sampler_name="euler", scheduler="simple",
                   filename=filename) | overrides
-    return LinearAGCalibrate.execute(**inputs)[0]
+    return run_node(LinearAGCalibrate, **inputs)[0]
 
 
 def files_under(folder: Path) -> list[str]:
@@ -108,10 +109,10 @@ def test_nan_cfg_on_a_guider_is_an_error_naming_it(world, node):
     for cfg in (math.nan, math.inf, -1.0, 1e30):
         if node == "reference":
             with pytest.raises(ValueError, match=r"^Reference CFG Guider: 'cfg'"):
-                ReferenceCFGGuider.execute(world.model, world.positive, world.negative, cfg)
+                run_node(ReferenceCFGGuider, world.model, world.positive, world.negative, cfg)
         else:
             with pytest.raises(ValueError, match=r"^Adaptive Guidance Guider: 'cfg'"):
-                AdaptiveGuidanceGuider.execute(world.model, world.positive, world.negative, cfg, threshold=0.98,
+                run_node(AdaptiveGuidanceGuider, world.model, world.positive, world.negative, cfg, threshold=0.98,
                                                measure="auto", start_percent=0.0, end_percent=1.0)
 
 
@@ -129,10 +130,10 @@ def test_composable_prompt_weights_are_capped_at_the_widget_range(toy):
 
     for text in ("a red circle :1e30", "a red circle AND NOT green :101", "a red circle :-100.5"):
         with pytest.raises(ValueError, match=r"^Composable Prompt 'text': .*\[-100, 100\]"):
-            ComposablePrompt.execute(toy["clip"], text, 1.0)
-    assert ComposablePrompt.execute(toy["clip"], "a red circle :100 AND NOT green :100", 1.0)[0]
+            run_node(ComposablePrompt, toy["clip"], text, 1.0)
+    assert run_node(ComposablePrompt, toy["clip"], "a red circle :100 AND NOT green :100", 1.0)[0]
     with pytest.raises(ValueError, match=r"^Composable Prompt: 'weight'"):
-        ComposablePrompt.execute(toy["clip"], "a red circle", 1000.0)
+        run_node(ComposablePrompt, toy["clip"], "a red circle", 1000.0)
 
 
 def test_composable_concept_count_is_bounded_before_encoding(toy, monkeypatch):
@@ -146,15 +147,15 @@ def test_composable_concept_count_is_bounded_before_encoding(toy, monkeypatch):
     monkeypatch.setattr(clip, "encode_from_tokens_scheduled", lambda tokens: encoded.append(tokens) or [])
     for count in (MAX_CONCEPTS + 1, 1250):
         with pytest.raises(ValueError, match=rf"^Composable Prompt 'text': {count} concepts, at most {MAX_CONCEPTS}"):
-            ComposablePrompt.execute(clip, " AND ".join(["a red circle"] * count), 1.0)
+            run_node(ComposablePrompt, clip, " AND ".join(["a red circle"] * count), 1.0)
     assert encoded == []
     monkeypatch.undo()
-    assert len(ComposablePrompt.execute(toy["clip"], " AND ".join(["a red circle"] * MAX_CONCEPTS), 1.0)[0]) == 64
+    assert len(run_node(ComposablePrompt, toy["clip"], " AND ".join(["a red circle"] * MAX_CONCEPTS), 1.0)[0]) == 64
     composition = None
     for _ in range(MAX_CONCEPTS):
-        composition = ComposableConcept.execute(toy["positive"], 1.0, composition)[0]
+        composition = run_node(ComposableConcept, toy["positive"], 1.0, composition)[0]
     with pytest.raises(ValueError, match=r"^Composable Concept: 'composition' already holds 64 concepts"):
-        ComposableConcept.execute(toy["positive"], 1.0, composition)
+        run_node(ComposableConcept, toy["positive"], 1.0, composition)
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -196,10 +197,10 @@ def test_bad_calibration_files_through_linear_ag_load_name_the_node_input_and_fi
         name = label.replace(" ", "_").replace("(", "").replace(")", "") + ".safetensors"
         _write(linear_ag_folder / name, data)
         with pytest.raises(ValueError, match=r"^LinearAG Load Calibration 'calibration'") as error:
-            LinearAGLoad.execute(name)
+            run_node(LinearAGLoad, name)
         assert name in str(error.value), (label, str(error.value))
         assert "Traceback" not in str(error.value) and len(str(error.value)) < 600, label
-    assert torch.equal(LinearAGLoad.execute("good.safetensors")[0].coefficients, world.calibration.coefficients)
+    assert torch.equal(run_node(LinearAGLoad, "good.safetensors")[0].coefficients, world.calibration.coefficients)
 
 
 @pytest.mark.parametrize("case", ["too long", "a directory", "the shipped name"])
@@ -253,7 +254,7 @@ def test_calibration_used_at_another_cfg_warns(world, caplog):
     from guidance_kit.nodes.stats_wrappers import stats_sink
 
     def run(cfg):
-        guider = LinearAGGuider.execute(world.model, world.positive, world.negative, cfg, linear_ag=world.calibration,
+        guider = run_node(LinearAGGuider, world.model, world.positive, world.negative, cfg, linear_ag=world.calibration,
                                         true_every=2, guided_until=0.7)[0]
         caplog.clear()
         with caplog.at_level(logging.WARNING):
@@ -414,7 +415,7 @@ def test_every_numeric_input_rejects_bad_numbers_naming_node_and_input(world, to
     def check(value):
         FIGURES["inputs tried"] += 1
         with pytest.raises(ValueError, match=named(schema.display_name) + rf".*'{spec.id}'"):
-            cls.execute(**(inputs | {spec.id: value}))
+            run_node(cls, **(inputs | {spec.id: value}))
 
     check()
     assert files_under(linear_ag_folder.parent) == ["linear_ag"]
@@ -454,10 +455,10 @@ def test_odd_names_for_the_loaders_are_errors_naming_the_input(linear_ag_folder,
 
     if name not in calibration_files():
         with pytest.raises(ValueError, match=r"^LinearAG Load Calibration: 'calibration'"):
-            LinearAGLoad.execute(name)
+            run_node(LinearAGLoad, name)
     if name not in weight_files():
         with pytest.raises(ValueError, match=r"^Load Toy World Model: 'diffusion_model'"):
-            ToyWorldLoader.execute(name)
+            run_node(ToyWorldLoader, name)
 
 
 def test_loaders_refuse_paths_outside_their_folders():
@@ -465,7 +466,7 @@ def test_loaders_refuse_paths_outside_their_folders():
 
     for name in ("/etc/passwd", "../weights.py", "../../README.md", "../calibrations/" + "x.safetensors"):
         with pytest.raises(ValueError, match=r"^Load Toy World Model: 'diffusion_model'"):
-            ToyWorldLoader.execute(name)
+            run_node(ToyWorldLoader, name)
 
 
 @pytest.fixture(scope="module")
@@ -496,7 +497,7 @@ def test_damaged_calibration_files_load_or_fail_naming_node_input_and_file(world
         damaged = data.draw(st.binary(max_size=2048))
     (linear_ag_folder / "damaged.safetensors").write_bytes(damaged)
     try:
-        loaded = LinearAGLoad.execute("damaged.safetensors")[0]
+        loaded = run_node(LinearAGLoad, "damaged.safetensors")[0]
     except ValueError as error:
         assert str(error).startswith("LinearAG Load Calibration 'calibration'") and "damaged.safetensors" in str(error)
         return
@@ -515,7 +516,7 @@ def test_composable_prompt_text_gives_a_bounded_composition_or_an_error_naming_i
 
     text = " ".join(words)
     try:
-        composition = ComposablePrompt.execute(toy["clip"], text, weight)[0]
+        composition = run_node(ComposablePrompt, toy["clip"], text, weight)[0]
     except ValueError as error:
         assert str(error).startswith("Composable Prompt"), str(error)
         return
@@ -588,10 +589,10 @@ NON_TECHNIQUE_NODES = {
 def test_deediff_load_refuses_names_outside_its_folders():
     from guidance_kit.nodes.deediff import DeeDiffLoad
 
-    assert DeeDiffLoad.execute("toy_dit_heads.safetensors")[0] is not None
+    assert run_node(DeeDiffLoad, "toy_dit_heads.safetensors")[0] is not None
     for name in ("../toy_dit_heads.safetensors", "/etc/passwd", "missing.safetensors", ""):
         with pytest.raises(ValueError, match=r"^DeeDiff Load Heads \(Guidance Kit\): 'heads' must be a file"):
-            DeeDiffLoad.execute(name)
+            run_node(DeeDiffLoad, name)
 
 
 def test_classifier_loaders_refuse_bad_files_and_inputs_naming_them(tmp_path, monkeypatch):
@@ -604,13 +605,13 @@ def test_classifier_loaders_refuse_bad_files_and_inputs_naming_them(tmp_path, mo
     (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 64)
     monkeypatch.setattr(folder_paths, "get_full_path_or_raise", lambda folder, name: str(tmp_path / name))
     with pytest.raises(ValueError, match=r"Load Classifier 'classifier' \(broken.safetensors\).*broken.safetensors"):
-        LoadClassifier.execute("broken.safetensors", "auto")
+        run_node(LoadClassifier, "broken.safetensors", "auto")
     with pytest.raises(ValueError, match="Load Classifier: pixel_source 'vae' needs the 'vae' input"):
-        LoadClassifier.execute("toy_classifier.safetensors (toy world)", "vae")
+        run_node(LoadClassifier, "toy_classifier.safetensors (toy world)", "vae")
     with pytest.raises(ValueError, match="CLIP Zero-Shot Classifier 'classes'"):
-        ClipZeroShotClassifier.execute(None, None, "colour: red", "{}", "auto")
+        run_node(ClipZeroShotClassifier, None, None, "colour: red", "{}", "auto")
     with pytest.raises(ValueError, match="CLIP Zero-Shot Classifier 'template'"):
-        ClipZeroShotClassifier.execute(None, None, "red, blue", "no slot", "auto")
+        run_node(ClipZeroShotClassifier, None, None, "red, blue", "no slot", "auto")
 
 
 def test_every_pack_node_is_covered():
@@ -634,7 +635,7 @@ def test_run_stats_without_a_technique_source_names_the_input(world):
 
     for source in (world.model, cfg_guider(world.model, world.positive, world.negative, CFG)):
         with pytest.raises(ValueError, match=r"^Run Stats: 'source' carries no Guidance Kit stats"):
-            RunStatsNode.execute(source, latent(1))
+            run_node(RunStatsNode, source, latent(1))
 
 
 def test_damaged_toy_world_weight_files_are_errors_naming_the_input(tmp_path, monkeypatch):
@@ -660,7 +661,7 @@ def test_damaged_toy_world_weight_files_are_errors_naming_the_input(tmp_path, mo
     (tmp_path / "calibration.safetensors").write_bytes(shipped.read_bytes())  # a foreign safetensors file
     for name in ("nan.safetensors", "truncated.safetensors", "random.safetensors", "calibration.safetensors"):
         with pytest.raises(ValueError, match=r"^Load Toy World Model: 'diffusion_model': .*" + re.escape(name)):
-            ToyWorldLoader.execute(name)
+            run_node(ToyWorldLoader, name)
 
 
 @pytest.mark.parametrize("stage", ["write", "fsync", "replace"])

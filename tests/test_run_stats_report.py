@@ -6,6 +6,7 @@ import types
 import pytest
 import torch
 
+from harness.executor import run_node
 from harness.sampling import ksample, sample_guider
 
 
@@ -105,9 +106,9 @@ def test_run_stats_node_plots_a_reference_guider_run(tiny_eps):
     from guidance_kit.nodes.run_stats_node import RunStatsNode
     from guidance_kit.nodes.stats_wrappers import stats_sink
 
-    guider = ReferenceCFGGuider.execute(tiny_eps.patcher, tiny_eps.positive, tiny_eps.negative, 5.0)[0]
+    guider = run_node(ReferenceCFGGuider, tiny_eps.patcher, tiny_eps.positive, tiny_eps.negative, 5.0)[0]
     latent = {"samples": sample_guider(guider, tiny_eps.empty_latent(batch=2), steps=6)}
-    output = RunStatsNode.execute(guider, latent)
+    output = run_node(RunStatsNode, guider, latent)
     plot, summary = output.result
     assert plot.shape == (1, 512, 768, 3) and plot.dtype == torch.float32
     assert 0.0 <= plot.min() < plot.max() <= 1.0
@@ -122,7 +123,7 @@ def test_run_stats_node_accepts_a_patched_model(tiny_eps):
     model = tiny_eps.patcher.clone()
     attach_run_stats(model, "patched")
     samples = ksample(model, tiny_eps.positive, tiny_eps.negative, tiny_eps.empty_latent(), cfg=1.0, steps=3)
-    assert RunStatsNode.execute(model, {"samples": samples}).result[1] == "patched: 3 steps, 3 model rows"
+    assert run_node(RunStatsNode, model, {"samples": samples}).result[1] == "patched: 3 steps, 3 model rows"
 
 
 def test_run_stats_node_names_what_is_wrong(tiny_eps):
@@ -131,10 +132,10 @@ def test_run_stats_node_names_what_is_wrong(tiny_eps):
 
     latent = tiny_eps.empty_latent()
     with pytest.raises(ValueError, match="Run Stats: 'source' carries no Guidance Kit stats"):
-        RunStatsNode.execute(tiny_eps.patcher, latent)
-    fresh = ReferenceCFGGuider.execute(tiny_eps.patcher, tiny_eps.positive, tiny_eps.negative, 5.0)[0]
+        run_node(RunStatsNode, tiny_eps.patcher, latent)
+    fresh = run_node(ReferenceCFGGuider, tiny_eps.patcher, tiny_eps.positive, tiny_eps.negative, 5.0)[0]
     with pytest.raises(ValueError, match="Run Stats: no finished sampling run"):
-        RunStatsNode.execute(fresh, latent)
+        run_node(RunStatsNode, fresh, latent)
 
 
 class FakePromptServer:

@@ -7,6 +7,7 @@ import comfy.model_sampling
 import nodes
 from comfy.patcher_extension import WrappersMP
 
+from harness.executor import run_node
 from harness.sampling import cfg_guider, ksample, sample_guider
 
 
@@ -14,7 +15,7 @@ from harness.sampling import cfg_guider, ksample, sample_guider
 def toy():
     from guidance_kit.nodes.toyworld import ToyWorldLoader
 
-    model, clip, vae = ToyWorldLoader.execute("toy_dit.safetensors")
+    model, clip, vae = run_node(ToyWorldLoader, "toy_dit.safetensors")
     encode = nodes.CLIPTextEncode().encode
     return model, clip, vae, encode(clip, "a red circle on the left")[0], encode(clip, "")[0]
 
@@ -22,7 +23,7 @@ def toy():
 def empty_latent(batch):
     from guidance_kit.nodes.toyworld import ToyWorldEmptyLatent
 
-    return ToyWorldEmptyLatent.execute(batch)[0]
+    return run_node(ToyWorldEmptyLatent, batch)[0]
 
 
 def test_model_is_a_flow_matching_base_model(toy):
@@ -126,7 +127,7 @@ def test_shipped_linear_ag_calibration_belongs_to_the_committed_model(toy):
 
     name = "toy_dit_euler_simple_20_cfg4.safetensors"
     assert name in calibration_files()
-    calibration = LinearAGLoad.execute(name)[0]
+    calibration = run_node(LinearAGLoad, name)[0]
     assert calibration.info["model"] == model_identity(toy[0])
     info = calibration.info
     assert (info["sampler"], info["scheduler"], info["steps"]) == ("euler", "simple", 20)
