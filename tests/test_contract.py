@@ -50,7 +50,7 @@ def world():
     from guidance_kit.nodes.toyworld import ToyWorldEmptyLatent, ToyWorldLoader
 
     model, clip, _ = run_node(ToyWorldLoader, "toy_dit.safetensors")
-    encode = nodes.CLIPTextEncode().encode
+    encode = functools.partial(run_node, nodes.CLIPTextEncode)
     positive, negative = encode(clip, "a red circle on the left")[0], encode(clip, "")[0]
     composition = run_node(ComposablePrompt, clip, "a red circle AND a blue square", 1.0)[0]
     calibration = calibrate(model, [positive], negative, run_node(ToyWorldEmptyLatent, 1)[0], seed=0, steps=STEPS,

@@ -6,6 +6,7 @@ Technique nodes come from the contract table (``test_contract.TABLE``: a new row
 too); the other nodes from every module's ``NODES`` (``pack_nodes``).
 """
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -54,7 +55,7 @@ def toy():
     from guidance_kit.nodes.toyworld import ToyWorldLoader
 
     model, clip, _ = run_node(ToyWorldLoader, "toy_dit.safetensors")
-    encode = nodes.CLIPTextEncode().encode
+    encode = functools.partial(run_node, nodes.CLIPTextEncode)
     return {"model": model, "clip": clip, "positive": encode(clip, "a red circle on the left")[0],
             "negative": encode(clip, "")[0]}
 
@@ -305,7 +306,7 @@ def test_gfcg_warns_when_its_prompt_is_not_the_positive(world, caplog):
 
     options = test_contract._gfcg_options(world, weak=False)
     patched = run_node(GFCGModelPatch, world.model, **options)[0]
-    blue = nodes.CLIPTextEncode().encode(world.clip, "a blue circle on the left")[0]
+    blue = run_node(nodes.CLIPTextEncode, world.clip, "a blue circle on the left")[0]
     for positive, warned in ((world.positive, False), (blue, True)):
         caplog.clear()
         with caplog.at_level(logging.WARNING):
