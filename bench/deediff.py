@@ -68,7 +68,7 @@ class DepthByStep:
         return guider
 
     def mean_depth(self) -> list[float]:
-        from guidance_kit.nodes.stats_wrappers import stats_sink
+        from guidance_kit.nodes.contract.stats import stats_sink
 
         totals = [[0, 0] for _ in range(STEPS)]
         for guider in self.guiders:
@@ -82,8 +82,8 @@ class DepthByStep:
 
 def exit_config(heads, threshold: float, ag_threshold: float | None = None, depth: DepthByStep | None = None):
     from guidance_kit.nodes.adaptive_guidance import patch_adaptive_guidance
+    from guidance_kit.nodes.contract.guiders import cfg_guider
     from guidance_kit.nodes.deediff import patch_deediff
-    from guidance_kit.nodes.guiders import cfg_guider
 
     def make(model, positive, negative):
         if ag_threshold is not None:
@@ -142,7 +142,7 @@ class FirstBlockCache:
 def cache_config(threshold: float):
     from comfy.patcher_extension import WrappersMP
 
-    from guidance_kit.nodes.guiders import cfg_guider
+    from guidance_kit.nodes.contract.guiders import cfg_guider
 
     def make(model, positive, negative):
         patched = model.clone()
@@ -164,7 +164,7 @@ def cache_config(threshold: float):
 
 def ag_config(threshold: float):
     from guidance_kit.nodes.adaptive_guidance import patch_adaptive_guidance
-    from guidance_kit.nodes.guiders import cfg_guider
+    from guidance_kit.nodes.contract.guiders import cfg_guider
 
     return lambda model, positive, negative: cfg_guider(patch_adaptive_guidance(
         model, threshold=threshold, measure="auto", start_percent=0.0, end_percent=1.0), positive, negative, CFG_SCALE)

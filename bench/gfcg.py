@@ -89,7 +89,7 @@ class Configurations:
             model=model, positive=positive, negative=negative, cfg=weight, weak_model=self.world.weak_model)[0]
 
     def classifier_seconds(self, name) -> float:
-        from guidance_kit.nodes.stats_wrappers import stats_sink
+        from guidance_kit.nodes.contract.stats import stats_sink
 
         return sum(stats_sink(g.model_patcher).last.evaluations[-1].signals.get("classifier_seconds", 0.0)
                    for g in self.guiders.get(name, []))

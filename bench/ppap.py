@@ -71,7 +71,7 @@ def ensure_bundle(world, classifier, work: Path, experts: int, budget: int | Non
 def sample(world, classifier, experts, head, name, scale, seeds, base_seed):
     """Images [seeds, 32, 32, 3] in [0, 1] for one target, noise seed ``base_seed + target index``."""
     from guidance_kit.nodes import ppap as adapter
-    from guidance_kit.nodes.patching import install
+    from guidance_kit.nodes.contract import install
     from guidance_kit.nodes.toyworld import ToyWorldEmptyLatent
     from harness.sampling import cfg_guider, sample_guider
 

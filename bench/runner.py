@@ -118,7 +118,7 @@ def run(world: ToyWorld, name: str, make_guider, prompts: list[tuple[str, dict]]
         negative: str = "", progress: bool = True) -> Result:
     """Sample every prompt of ``prompts`` with ``seeds`` images through ``make_guider``; judge with the oracle."""
 
-    from guidance_kit.nodes.stats_wrappers import attach_run_stats, stats_sink
+    from guidance_kit.nodes.contract.stats import attach_run_stats, stats_sink
     from guidance_kit.nodes.toyworld import ToyWorldEmptyLatent
     from guidance_kit.toyworld import oracle
 

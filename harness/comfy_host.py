@@ -1,5 +1,4 @@
 """Boot the pinned ComfyUI in this process (CPU only) with the pack importable as ``guidance_kit``."""
-import asyncio
 import os
 import sys
 from pathlib import Path
@@ -29,14 +28,3 @@ def boot() -> Path:
     args.cpu = True
     import comfy.model_management  # noqa: F401  (reads args.cpu at import)
     return path
-
-
-def load_all_nodes() -> dict:
-    """Register the built-in extra nodes and the pack's nodes, as the server does; returns the mapping."""
-    boot()
-    import nodes
-
-    if PACK_NAME not in {getattr(c, "RELATIVE_PYTHON_MODULE", "").rsplit(".", 1)[-1]
-                         for c in nodes.NODE_CLASS_MAPPINGS.values()}:
-        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
-    return nodes.NODE_CLASS_MAPPINGS

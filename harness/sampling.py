@@ -26,7 +26,7 @@ def sample_guider(guider, latent: dict, *, steps: int = 20, sampler: str = "eule
 def cfg_guider(patcher, positive, negative, cfg: float):
     """ComfyUI's stock CFGGuider (the pack's own helper, so tests and benchmarks build it one way)."""
     boot()
-    from guidance_kit.nodes.guiders import cfg_guider as stock_cfg_guider
+    from guidance_kit.nodes.contract.guiders import cfg_guider as stock_cfg_guider
 
     return stock_cfg_guider(patcher, positive, negative, cfg)
 

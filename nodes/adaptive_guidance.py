@@ -1,6 +1,6 @@
 """Adaptive Guidance in ComfyUI: a GUIDER and a MODEL patch over samplers/adaptive_guidance.py.
 
-Installed through the technique contract (``patching.install``): per evaluation, cond on the whole
+Installed through the technique contract (``contract.install``): per evaluation, cond on the whole
 batch and uncond only on the samples that have not switched (``CondEvaluator.skipping``); the run
 record gets the per-sample cosine (None where not measured) and a mark per switch.
 """
@@ -9,8 +9,7 @@ import torch
 from comfy_api.latest import io
 
 from ..samplers import adaptive_guidance as ag
-from .guiders import guider_inputs
-from .patching import Technique, TwinSpec, check_number, guider_and_patch, install
+from .contract import Technique, TwinSpec, check_number, guider_and_patch, guider_inputs, install, sampler_cfg
 
 CATEGORY = "Guidance Kit/acceleration"
 FAMILY_OF_MODEL_TYPE = {"EPS": "eps", "V_PREDICTION": "v", "V_PREDICTION_EDM": "v", "FLOW": "flow"}
@@ -32,7 +31,7 @@ class AdaptiveGuidanceRun:
                                      model_sampling.percent_to_sigma(end_percent))
         self.quantity = quantity
         self.model_sampling = model_sampling
-        self.cfg_scale = float(getattr(guider, "cfg", 1.0))
+        self.cfg_scale = sampler_cfg(guider)
 
     def signal_scale(self, sigma: float) -> float:
         """a(σ) of the model's forward process x = a·x0 + b·ε."""

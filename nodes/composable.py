@@ -36,8 +36,7 @@ from ..samplers.composable import (
     plan_step,
 )
 from ..samplers.prompt_syntax import PromptSyntaxError, parse_composable_prompt
-from .guiders import guider_inputs
-from .patching import Technique, TwinSpec, check_number, guider_and_patch, install
+from .contract import Technique, TwinSpec, check_number, guider_and_patch, guider_inputs, install
 
 CATEGORY = "Guidance Kit/composable"
 TECHNIQUE = "Composable"

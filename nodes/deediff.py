@@ -12,7 +12,7 @@
   the heads by the uncertainty loss (``samplers/deediff.py``, Eq. 6) with the model's own final
   prediction as the target.  The loop is the shared training core (``samplers/training.py``): one
   process by default, ``torchrun`` / ``accelerate launch`` with no code change, resumable checkpoints.
-* The exit patch (``DeeDiffTechnique``, installed through ``patching.install``): a block replacement
+* The exit patch (``DeeDiffTechnique``, installed through ``contract.install``): a block replacement
   on every block (wrapping any replacement already there) and an APPLY_MODEL wrapper that opens one
   ``ForwardExits`` per model call inside a sampling run.  Rows exit independently (cond and uncond
   rows of CFG too); exited rows are left out of later blocks' sub-batches.  Per evaluation the run
@@ -42,9 +42,17 @@ from comfy_api.latest import io
 from ..samplers import deediff, training
 from ..samplers.bundles import fingerprint, load_bundle
 from ..toyworld.model import ToyDiT
-from .guiders import cfg_guider, model_input
-from .patching import Technique, check_number, check_numeric_inputs, install
-from .stats_wrappers import current_run, node_id_of
+from .contract import (
+    Technique,
+    cfg_guider,
+    check_number,
+    check_numeric_inputs,
+    current_run,
+    install,
+    model_input,
+    node_id_of,
+    run_state,
+)
 
 logger = logging.getLogger(__name__)
 CATEGORY = "Guidance Kit/acceleration"
@@ -201,10 +209,9 @@ def _exit_block(index: int, previous, forward_key: str):
 def _exits_per_call(arch: Architecture, key: str, forward_key: str):
     """APPLY_MODEL wrapper: one ForwardExits per model call of a sampling run; its exits go to the run record."""
     def wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):  # noqa: B006
-        slot = transformer_options.get(key)
-        if slot is None:
+        state: DeeDiffRun | None = run_state(transformer_options, key)
+        if state is None:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        state: DeeDiffRun = slot.state
         exits = deediff.ForwardExits(x.shape[0], arch.image_tokens(x), arch.blocks, device=x.device)
         options = {**transformer_options, forward_key: (exits, state.heads_on(x.device), state.threshold)}
         out = executor(x, t, c_concat, c_crossattn, control, options, **kwargs)

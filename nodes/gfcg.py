@@ -1,5 +1,5 @@
 """GFCG and Autoguidance in ComfyUI: GUIDER + MODEL-patch twins over ``samplers/gfcg.py`` and
-``samplers/autoguidance.py``, installed through the technique contract (``nodes/patching.py``).
+``samplers/autoguidance.py``, installed through the technique contract (``nodes/contract``).
 
 One technique, ``ReferenceGuidance``, covers the four configurations; per evaluation and sample it
 returns ComfyUI's ``[cond, uncond]`` pair so that the stock combine ``uncond + s·(cond − uncond)``
@@ -45,7 +45,7 @@ from comfy_api.latest import io
 from ..samplers import gfcg
 from ..samplers.autoguidance import autoguide
 from .classifier import ClassifierType, pixel_reader
-from .patching import Technique, TwinSpec, broadcast_to_batch, check_number, guider_and_patch, install, rows_of_cond
+from .contract import Technique, TwinSpec, broadcast_to_batch, check_number, guider_and_patch, install, sampler_cfg
 
 CATEGORY = "Guidance Kit/guidance"
 logger = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ class ReferenceRun:
 
     def __init__(self, technique: "ReferenceGuidance", guider, key: str):
         self.guider = guider
-        self.scale = float(getattr(guider, "cfg", 1.0))
+        self.scale = sampler_cfg(guider)
         self.key = key
         options = technique.gfcg
         start_sigma = float(guider.model_patcher.get_model_object("model_sampling").percent_to_sigma(
@@ -237,12 +237,8 @@ class ReferenceGuidance(Technique):
 
     def _weak(self, evaluator, cond_list, rows, run):
         """The weak model's prediction for ``cond_list`` on the samples ``rows`` (None: all)."""
-        x, timestep, cond = evaluator.x, evaluator.args["sigma"], cond_list
-        if rows is not None:
-            x = x[rows.to(x.device)]
-            if timestep.ndim and timestep.shape[0] == evaluator.batch:
-                timestep = timestep[rows.to(timestep.device)]
-            cond = rows_of_cond(cond_list, rows, evaluator.batch)
+        x, timestep, restrict = evaluator.sub_batch(rows)
+        cond = restrict(cond_list)
         out = comfy.samplers.calc_cond_batch(self.weak.model, [cond], x, timestep, self.weak.model_options)[0]
         if run is not None:
             run.count_rows(int(x.shape[0]) * len(cond), evaluator.sigma)
@@ -384,7 +380,7 @@ def weak_model_input(optional: bool = False):
 
 
 def autoguidance_inputs() -> list:
-    from .guiders import guider_inputs
+    from .contract import guider_inputs
 
     return guider_inputs(cfg_default=2.0, cfg_tooltip="Autoguidance weight w: D = D_weak + w·(D_main − D_weak) "
                                                       "(the paper's presets use 1.7-2.9; 1 = the main model alone).",

@@ -8,7 +8,7 @@ samplers/linear_ag.py.
   (class + a hash of four weight tensors; LoRA/weight patches are not part of it), model type,
   sampler, scheduler, steps, the exact sigma schedule, CFG scale, negative prompt (text and a
   fingerprint of its conditioning).
-* The apply forms install through the technique contract (``patching.install``): per run, the
+* The apply forms install through the technique contract (``contract.install``): per run, the
   evaluations follow ``step_pattern`` (true CFG / regressed / conditional only).
 * Mismatches: a calibration from another model is an error when the node runs.  A different
   schedule (steps, scheduler, denoise, model sampling shift), sampler, latent channel count or
@@ -31,10 +31,19 @@ from comfy_api.latest import io
 from ..samplers import linear_ag as lag
 from ..samplers.linear_ag import Calibration
 from ..toyworld.weights import CALIBRATIONS_DIR
-from .adaptive_guidance import CATEGORY
-from .guiders import cfg_guider, guider_inputs, model_input
-from .patching import Technique, TwinSpec, check_number, guider_and_patch, install, model_identity
-from .stats_wrappers import node_id_of
+from .contract import (
+    Technique,
+    TwinSpec,
+    cfg_guider,
+    check_number,
+    guider_and_patch,
+    guider_inputs,
+    install,
+    model_identity,
+    model_input,
+    node_id_of,
+    sampler_cfg,
+)
 
 logger = logging.getLogger(__name__)
 FOLDER = "linear_ag"
@@ -47,6 +56,7 @@ FINGERPRINT_SIZE = 4096
 SIGMA_RTOL = 1e-4
 LinearAGCalibration = io.Custom("GUIDANCE_KIT_LINEAR_AG")
 CALIBRATED_MODEL_TOOLTIP = "The calibrated diffusion model (it is cloned, never modified)."
+CATEGORY = "Guidance Kit/acceleration"
 NODE = "LinearAG"
 CALIBRATE_NODE = "LinearAG Calibrate"
 LOAD_NODE = "LinearAG Load Calibration"
@@ -186,8 +196,7 @@ class LinearAG(Technique):
 
     def start_run(self, guider, sigmas, sampler):
         pattern = lag.step_pattern(self.calibration.evaluations, self.true_every, self.guided_until)
-        cfg = getattr(guider, "cfg", None)
-        return LinearAGRun(self.calibration, pattern, sigmas, sampler, float(cfg) if cfg is not None else None)
+        return LinearAGRun(self.calibration, pattern, sigmas, sampler, sampler_cfg(guider))
 
     def evaluate(self, state: LinearAGRun, evaluator, run):
         """True CFG, regressed unconditional, or conditional only, per the pattern."""

@@ -32,9 +32,18 @@ from ..samplers.lora import trainable_fraction
 from ..samplers.training import DistributedContext
 from ..toyworld.weights import WEIGHTS_DIR
 from .classifier import ClassifierType, pixel_reader
-from .guiders import guider_inputs
-from .patching import Technique, TwinSpec, check_number, check_numeric_inputs, guider_and_patch, install
-from .stats_wrappers import current_run, node_id_of
+from .contract import (
+    Technique,
+    TwinSpec,
+    check_number,
+    check_numeric_inputs,
+    current_run,
+    guider_and_patch,
+    guider_inputs,
+    install,
+    node_id_of,
+    run_state,
+)
 
 FOLDER = "ppap"
 folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
@@ -234,14 +243,14 @@ class PPAPGuidance(Technique):
         guided, gradient, probability, experts = ppap.guided_denoised(
             denoised, x, sigma, alpha, noise_std, self.experts, self.read, self.head, self.target, self.scale)
         run = current_run(args["model_options"])
-        slot = args["model_options"].get("transformer_options", {}).get(self.key)
+        in_run = run_state(args["model_options"], self.key)
         if run is not None and run.current is not None:
             run.act(self.name)
             run.signal(expert=experts.float(), gradient_norm=ppap.gradient_norms(gradient),
                        target_probability=probability)
             in_use = sorted(set(experts.tolist()))
-            if slot is not None and in_use != slot.state.experts:
-                slot.state.experts = in_use
+            if in_run is not None and in_use != in_run.experts:
+                in_run.experts = in_use
                 run.mark(f"expert {'/'.join(map(str, in_use))}")
         return guided
 

@@ -5,9 +5,7 @@ CFGGuider (it *is* one, over a cloned model), plus model rows counted per evalua
 """
 from comfy_api.latest import io
 
-from .guiders import cfg_guider, guider_inputs
-from .patching import Technique, check_number, install
-from .stats_wrappers import node_id_of
+from .contract import Technique, cfg_guider, check_number, guider_inputs, install, node_id_of
 
 CATEGORY = "Guidance Kit"
 NODE = "Reference CFG Guider"

@@ -10,7 +10,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..samplers.stats_plot import plot_run
-from .stats_wrappers import stats_sink
+from .contract import stats_sink
 
 CATEGORY = "Guidance Kit"
 

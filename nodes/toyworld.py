@@ -32,7 +32,7 @@ from comfy_api.latest import io
 
 from ..toyworld import scenes, weights
 from ..toyworld.model import ToyDiT, ToyTextEncoder
-from .patching import check_number
+from .contract import check_number
 
 CATEGORY = "Guidance Kit/toy world"
 FOLDER = "toyworld"

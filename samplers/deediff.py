@@ -105,14 +105,6 @@ def layerwise_loss(uncertainties: list[torch.Tensor], predictions: list[torch.Te
     return (weights * errors).sum(dim=1).mean()
 
 
-def validate_threshold(threshold: float, where: str) -> float:
-    """A finite confidence threshold in [0, 1] (1 = never exit)."""
-    threshold = float(threshold)
-    if not 0.0 <= threshold <= 1.0:  # also rejects NaN
-        raise ValueError(f"{where}: threshold must be a number in [0, 1] (1 = never exit), got {threshold}")
-    return threshold
-
-
 @dataclass
 class ForwardExits:
     """Exit bookkeeping of one diffusion-model call over ``batch`` rows of ``image_tokens`` image tokens each."""

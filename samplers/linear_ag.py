@@ -107,11 +107,6 @@ def step_pattern(evaluations: int, true_every: int, guided_until: float) -> list
     return [CONDITIONAL if j >= guided else TRUE if j % true_every == 0 else REGRESSED for j in range(evaluations)]
 
 
-def pattern_rows(pattern: list[str]) -> int:
-    """Model rows per sample of a pattern (plain CFG: 2 per evaluation)."""
-    return sum(2 if kind == TRUE else 1 for kind in pattern)
-
-
 def heldout_errors(coefficients: torch.Tensor, terms, xs: list, conds: list, unconds: list,
                    distance: int = 1) -> dict:
     """Mean squared error of the unconditional estimate on one held-out full-CFG trajectory, every

@@ -27,7 +27,7 @@ def ag_guider(tiny, threshold, *, measure="denoised", cfg=5.0, start=0.0, end=1.
 
 
 def last_run(guider):
-    from guidance_kit.nodes.stats_wrappers import stats_sink
+    from guidance_kit.nodes.contract.stats import stats_sink
 
     return stats_sink(guider.model_patcher).last
 

@@ -15,7 +15,7 @@ from guidance_kit.nodes.composable import (
     ComposablePrompt,
     patch_model,
 )
-from guidance_kit.nodes.stats_wrappers import stats_sink
+from guidance_kit.nodes.contract.stats import stats_sink
 from guidance_kit.samplers.composable import ConvergenceTracker, combine_step, compose, plan_step
 from harness.executor import run_node
 from harness.sampling import cfg_guider, ksample, sample_guider

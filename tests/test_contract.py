@@ -297,7 +297,7 @@ def test_every_pair_of_pack_nodes_stacks(world, first, second):
     """A patch under every node of the pack (itself included): both act (their run record says so), or a clear
     error naming both.  This crashed for Adaptive Guidance under Composable (a chained function was handed
     n + 1 cond lists), and dropped Autoguidance under GFCG and AG/LinearAG under Autoguidance silently."""
-    from guidance_kit.nodes.stats_wrappers import stats_sink
+    from guidance_kit.nodes.contract.stats import stats_sink
 
     stacked = first.build(world, world.model)
     guider = second.build(world, stacked) if second.guider else \
@@ -372,7 +372,7 @@ def test_sub_batched_unconditional_broadcasts_a_mask_like_comfyui(tiny_eps):
     """A batch-2 mask on the negative with a batch-4 latent gives the same images as the mask tiled to 4,
     also on evaluations where only some samples' unconditional rows are evaluated."""
     from guidance_kit.nodes.adaptive_guidance import AdaptiveGuidanceGuider
-    from guidance_kit.nodes.stats_wrappers import stats_sink
+    from guidance_kit.nodes.contract.stats import stats_sink
 
     mask = (torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(3)) > 0.5).float()  # 0 = no uncond there
     embedding, extras = tiny_eps.negative[0]
@@ -420,7 +420,7 @@ def test_a_bound_method_hook_is_refused_when_installed(world):
     """ModelPatcher.clone deep-copies model_options, and a deep copy of a bound method copies its object: PPAP's
     post-CFG hook (a bound method) turned its weights into inference tensors in every later clone made in the
     server, and the next node's sampling failed with a raw autograd error."""
-    from guidance_kit.nodes.patching import Technique, install
+    from guidance_kit.nodes.contract import Technique, install
 
     class BoundHook(Technique):
         node = "Bound Hook"

@@ -97,7 +97,7 @@ def toy_sample(model, clip, prompt="a small green triangle in the center", batch
 
 
 def last_run(guider):
-    from guidance_kit.nodes.stats_wrappers import stats_sink
+    from guidance_kit.nodes.contract.stats import stats_sink
 
     return stats_sink(guider.model_patcher).last
 

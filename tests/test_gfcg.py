@@ -41,7 +41,7 @@ def toy_latent(batch):
 
 
 def last_run(guider_or_model):
-    from guidance_kit.nodes.stats_wrappers import stats_sink
+    from guidance_kit.nodes.contract.stats import stats_sink
 
     patcher = getattr(guider_or_model, "model_patcher", guider_or_model)
     return stats_sink(patcher).last

@@ -38,7 +38,7 @@ def linear_ag_guider(tiny, calibration, true_every=2, guided_until=0.5, positive
 
 
 def last_run(guider):
-    from guidance_kit.nodes.stats_wrappers import stats_sink
+    from guidance_kit.nodes.contract.stats import stats_sink
 
     return stats_sink(guider.model_patcher).last
 
@@ -78,9 +78,10 @@ def test_calibration_file_round_trip_and_metadata(calibrated, tmp_path):
 
 
 def test_pattern_and_rows(tiny_eps, calibrated):
-    from guidance_kit.samplers.linear_ag import pattern_rows, step_pattern
+    from guidance_kit.samplers.linear_ag import step_pattern
 
-    assert pattern_rows(step_pattern(20, 2, 0.5)) == 25  # the paper's 25 NFEs instead of 40
+    rows = sum(2 if kind == "true" else 1 for kind in step_pattern(20, 2, 0.5))
+    assert rows == 25  # the paper's 25 NFEs instead of 40
     assert step_pattern(6, 2, 0.5) == ["true", "regressed", "true", "conditional", "conditional", "conditional"]
     guider = linear_ag_guider(tiny_eps, calibrated, true_every=3, guided_until=1.0)
     got = sample_guider(guider, tiny_eps.empty_latent(batch=2), steps=STEPS)

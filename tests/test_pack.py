@@ -60,3 +60,23 @@ def test_tests_run_nodes_as_the_executor_does():
             if direct_v3 or v1_instance:
                 direct.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert direct == [], f"call these nodes through harness.executor.run_node: {direct}"
+
+
+SHARED_TYPES = {"contract", "classifier"}  # what node modules may import from nodes/: the contract, the CLASSIFIER type
+
+
+def test_techniques_import_only_the_contract_never_each_other():
+    """The import graph of nodes/: every technique module sits over the contract (and shared types), side by
+    side; the contract imports nothing from nodes/ outside itself."""
+    offenders = []
+    for path in sorted((REPO / "nodes").rglob("*.py")):
+        in_contract = path.parent.name == "contract"
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom) or node.level == 0:
+                continue
+            first = (node.module or "").split(".")[0]
+            sibling_of_techniques = node.level == (2 if in_contract else 1)
+            allowed = set() if in_contract else SHARED_TYPES
+            if sibling_of_techniques and first not in allowed:
+                offenders.append(f"{path.relative_to(REPO)}: from {'.' * node.level}{node.module}")
+    assert offenders == []

@@ -97,8 +97,8 @@ def test_torchrun_two_processes_match_one_process(toy, tmp_path):
 
 def test_shipped_experts_steer_unconditional_samples_toward_a_colour(toy):
     """cfg 1 (unconditional) through KSampler with the PPAP patch: the oracle finds far more red main objects."""
+    from guidance_kit.nodes.contract.stats import stats_sink
     from guidance_kit.nodes.ppap import TOY_EXPERTS, PPAPModelPatch
-    from guidance_kit.nodes.stats_wrappers import stats_sink
     from guidance_kit.nodes.toyworld import pixel_space_vae
     from guidance_kit.toyworld import oracle
 
@@ -139,7 +139,7 @@ def test_denoised_conversion_and_a_latent_family(tiny, toy):
     """Per family: α, σ_t as derived (eps/v: 1, σ; flow: 1−σ, σ); the post-CFG output is exactly
     D + s·σ_t²/max(α, MIN_SIGNAL)·g; naive guidance through the latent-RGB reader raises the target's probability."""
     from guidance_kit.nodes import ppap as adapter
-    from guidance_kit.nodes.patching import install
+    from guidance_kit.nodes.contract import install
     from guidance_kit.samplers import ppap
 
     classifier = toy[2]

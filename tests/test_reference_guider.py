@@ -21,7 +21,7 @@ def test_identical_to_cfg_guider_on_every_family(tiny):
 
 
 def test_counts_two_rows_per_sample_per_step(tiny_eps):
-    from guidance_kit.nodes.stats_wrappers import stats_sink
+    from guidance_kit.nodes.contract.stats import stats_sink
 
     guider = reference_guider(tiny_eps.patcher, tiny_eps.positive, tiny_eps.negative, 7.0)
     sample_guider(guider, tiny_eps.empty_latent(batch=3), steps=20)

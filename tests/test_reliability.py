@@ -251,8 +251,8 @@ def test_a_symlink_at_the_save_path_is_replaced_not_followed(toy, linear_ag_fold
 
 def test_calibration_used_at_another_cfg_warns(world, caplog):
     """Found: a calibration made at cfg 4 used at cfg 8 gave no warning (cfg is in its metadata)."""
+    from guidance_kit.nodes.contract.stats import stats_sink
     from guidance_kit.nodes.linear_ag import LinearAGGuider
-    from guidance_kit.nodes.stats_wrappers import stats_sink
 
     def run(cfg):
         guider = run_node(LinearAGGuider, world.model, world.positive, world.negative, cfg, linear_ag=world.calibration,

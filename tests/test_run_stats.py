@@ -9,7 +9,7 @@ from harness.sampling import cfg_guider, ksample, sample_guider
 
 @pytest.fixture
 def counted(tiny_eps):
-    from guidance_kit.nodes.stats_wrappers import attach_run_stats
+    from guidance_kit.nodes.contract.stats import attach_run_stats
 
     model = tiny_eps.patcher.clone()
     return model, attach_run_stats(model, "test")
@@ -58,7 +58,7 @@ def test_chains_with_other_wrappers_and_model_function_wrapper(tiny_eps, counted
 
 
 def test_reattaching_on_a_clone_keeps_separate_reports(tiny_eps, counted):
-    from guidance_kit.nodes.stats_wrappers import attach_run_stats, stats_sink
+    from guidance_kit.nodes.contract.stats import attach_run_stats, stats_sink
 
     model, sink = counted
     downstream = model.clone()

@@ -61,7 +61,7 @@ def test_tensor_signals_are_stored_as_lists():
 
 
 def test_evaluations_sit_at_their_schedule_position(tiny_eps):
-    from guidance_kit.nodes.stats_wrappers import attach_run_stats
+    from guidance_kit.nodes.contract.stats import attach_run_stats
 
     model = tiny_eps.patcher.clone()
     sink = attach_run_stats(model, "CFG")
@@ -102,9 +102,9 @@ def test_plot_of_a_run_with_no_evaluations():
 
 
 def test_run_stats_node_plots_a_reference_guider_run(tiny_eps):
+    from guidance_kit.nodes.contract.stats import stats_sink
     from guidance_kit.nodes.reference_guider import ReferenceCFGGuider
     from guidance_kit.nodes.run_stats_node import RunStatsNode
-    from guidance_kit.nodes.stats_wrappers import stats_sink
 
     guider = run_node(ReferenceCFGGuider, tiny_eps.patcher, tiny_eps.positive, tiny_eps.negative, 5.0)[0]
     latent = {"samples": sample_guider(guider, tiny_eps.empty_latent(batch=2), steps=6)}
@@ -117,8 +117,8 @@ def test_run_stats_node_plots_a_reference_guider_run(tiny_eps):
 
 
 def test_run_stats_node_accepts_a_patched_model(tiny_eps):
+    from guidance_kit.nodes.contract.stats import attach_run_stats
     from guidance_kit.nodes.run_stats_node import RunStatsNode
-    from guidance_kit.nodes.stats_wrappers import attach_run_stats
 
     model = tiny_eps.patcher.clone()
     attach_run_stats(model, "patched")
@@ -166,7 +166,7 @@ def test_no_announcement_outside_the_server(tiny_eps, monkeypatch):
 
 
 def sample_with_stats(tiny, node_id):
-    from guidance_kit.nodes.stats_wrappers import attach_run_stats
+    from guidance_kit.nodes.contract.stats import attach_run_stats
 
     model = tiny.patcher.clone()
     sink = attach_run_stats(model, "CFG", node_id)

@@ -18,7 +18,7 @@ import sys
 
 from comfy.patcher_extension import WrappersMP
 
-from ..samplers.run_record import RunStats
+from ...samplers.run_record import RunStats
 
 logger = logging.getLogger(__name__)
 

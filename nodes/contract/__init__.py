@@ -1,0 +1,24 @@
+"""The technique contract: everything a Guidance Kit technique node builds on (docs/contract.md).
+
+Technique modules import from here (and shared types such as ``nodes.classifier``), never from each other:
+
+* ``technique``: the ``Technique`` protocol, ``install``, ``run_state`` for hooks in other slots;
+* ``evaluator``: ``CondEvaluator``, evaluating cond lists on all samples or a sub-batch as ComfyUI would;
+* ``twins``: ``TwinSpec`` / ``guider_and_patch``, a technique's GUIDER node and MODEL-patch twin;
+* ``guiders``: the standard guider inputs and ComfyUI's CFGGuider over a patched clone;
+* ``checks``: input checks that name the node and the input;
+* ``host``: host recipes (model identity, ...);
+* ``stats``: the run statistics every installation reports through.
+"""
+from .checks import check_number, check_numeric_inputs, check_sampling_inputs
+from .evaluator import CondEvaluator, broadcast_to_batch, rows_of_cond
+from .guiders import cfg_guider, guider_inputs, model_input
+from .host import model_identity, sampler_cfg
+from .stats import current_run, node_id_of, stats_sink
+from .technique import Technique, install, run_state
+from .twins import TwinSpec, guider_and_patch
+
+__all__ = ["CondEvaluator", "Technique", "TwinSpec", "broadcast_to_batch", "cfg_guider", "check_number",
+           "check_numeric_inputs", "check_sampling_inputs", "current_run", "guider_and_patch", "guider_inputs",
+           "install", "model_identity", "model_input", "node_id_of", "rows_of_cond", "run_state", "sampler_cfg",
+           "stats_sink"]
