@@ -210,6 +210,7 @@ def _exits_per_call(arch: Architecture, key: str, forward_key: str):
         out = executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
         run = current_run({"transformer_options": transformer_options})
         if run is not None and run.current is not None:
+            run.act(DeeDiffTechnique.name)
             signals = run.current.signals
             run.signal(exit_depth=signals.get("exit_depth", []) + exits.blocks_run.tolist(),
                        blocks=signals.get("blocks", 0) + exits.block_rows,

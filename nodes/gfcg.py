@@ -30,6 +30,7 @@ options (its own patches and wrappers; the main model's post-CFG functions run o
 combined result), with the main model's processed conds (so SDXL's ``y`` reaches it), and loaded
 with the main model (an additional model of the clone).  Its rows are added to the run statistics.
 """
+import logging
 import re
 import time
 import uuid
@@ -47,6 +48,7 @@ from .classifier import ClassifierType, pixel_reader
 from .patching import Technique, TwinSpec, broadcast_to_batch, check_number, guider_and_patch, install, rows_of_cond
 
 CATEGORY = "Guidance Kit/guidance"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -171,13 +173,18 @@ class ReferenceRun:
 class ReferenceGuidance(Technique):
     """GFCG, Autoguidance, or both (module docstring)."""
 
-    def __init__(self, node: str, weak=None, options: GFCGOptions | None = None):
-        self.node = node
+    def __init__(self, weak=None, options: GFCGOptions | None = None):
         self.weak = weak
         self.gfcg = options
+        self.node = "GFCG + Autoguidance" if weak is not None and options else "GFCG" if options else "Autoguidance"
         self.name = "+".join(n for n, on in (("GFCG", options), ("ATG", weak)) if on)
         self.needs_uncond = options is None  # GFCG alone at cfg 1: D = D(c) + w·(D(c) − D(c_ref))
         self.conds_key = f"guidance_kit.gfcg.{uuid.uuid4().hex[:8]}"
+
+    def stacked_on(self, earlier: "ReferenceGuidance") -> "ReferenceGuidance":
+        """GFCG over Autoguidance (or the reverse) is GFCG + Autoguidance; a part both give comes from this one."""
+        return ReferenceGuidance(weak=self.weak if self.weak is not None else earlier.weak,
+                                 options=self.gfcg or earlier.gfcg)
 
     def variant_key(self, head: str, k: int) -> str:
         return f"{self.conds_key}.{head}.{k}"
@@ -196,9 +203,23 @@ class ReferenceGuidance(Technique):
             raise ValueError(f"{self.node}: 'clip': the reference prompts it encodes (width {width[1]}) do not fit "
                              f"the positive conditioning (width {width[0]}); connect the CLIP of the sampled model")
 
+    def warn_unless_prompt_is_positive(self, guider) -> None:
+        """GFCG's 'prompt' must be the positive's text (its reference prompts are edits of it); warn when the
+        positive conditioning is not that text's encoding, e.g. the prompt names red, the positive blue."""
+        head, target = next(iter(self.gfcg.prompts.targets.items()))
+        prompt = comfy.sampler_helpers.convert_cond(self.gfcg.prompts.variants[head][target])[0].get("cross_attn")
+        positives = [entry.get("cross_attn") for entry in guider.conds.get("positive") or []]
+        if any(isinstance(p, torch.Tensor) and p.shape == prompt.shape and torch.allclose(p.float(), prompt.float(),
+                                                                                          atol=1e-4)
+               for p in positives):
+            return
+        logger.warning(f"{self.node}: 'prompt' is not the text of the positive conditioning, so the reference "
+                       f"prompts (the prompt with {head} changed) may contradict it; connect the positive's text")
+
     def start_run(self, guider, sigmas, sampler):
         if self.gfcg:
             self.check_variants(guider)
+            self.warn_unless_prompt_is_positive(guider)
         if self.weak is not None:
             self.weak.pre_run()  # ComfyUI prepares only the sampled patcher; the weak one is cleaned up with it
         if self.gfcg:
@@ -330,7 +351,7 @@ def check_weak(model, weak, where: str) -> None:
 def patch_autoguidance(model, node_id, weak_model):
     """A clone of ``model`` whose guide row is ``weak_model``'s conditional prediction (cfg = w)."""
     check_weak(model, weak_model, "Autoguidance")
-    return install(model, ReferenceGuidance("Autoguidance", weak=weak_model.clone()), node_id)
+    return install(model, ReferenceGuidance(weak=weak_model.clone()), node_id)
 
 
 def patch_gfcg(model, node_id, classifier, clip, prompt, targets, scale, confidence, start_percent, every,
@@ -350,7 +371,7 @@ def patch_gfcg(model, node_id, classifier, clip, prompt, targets, scale, confide
     options = GFCGOptions(classifier, prompts, float(scale), float(confidence), float(start_percent), int(every),
                           reference_row)
     weak = weak_model.clone() if weak_model is not None else None
-    return install(model, ReferenceGuidance(where, weak=weak, options=options), node_id)
+    return install(model, ReferenceGuidance(weak=weak, options=options), node_id)
 
 
 def weak_model_input(optional: bool = False):

@@ -56,6 +56,11 @@ class Technique:
     def patch(self, patched, key: str) -> None:
         """Install anything else on the clone (``key`` is unique to this installation)."""
 
+    def stacked_on(self, earlier: "Technique") -> "Technique":
+        """What acts when this technique is installed over an ``earlier`` installation of the same class:
+        by default this one replaces it; a technique whose parts combine returns the combination."""
+        return self
+
 
 def evaluates(technique: Technique) -> bool:
     return type(technique).evaluate is not Technique.evaluate
@@ -188,6 +193,7 @@ class CondEvaluator:
 @dataclass
 class _RunSlot:
     state: object
+    cfg: float = 1.0
     reached: int = 0
 
 
@@ -208,15 +214,18 @@ def _chains(function, key: str) -> bool:
 def install(model, technique: Technique, node_id: str | None = None):
     """A clone of ``model`` with ``technique`` installed as described in the module docstring."""
     patched = model.clone()
-    attach_run_stats(patched, technique.name, node_id)
-    key = f"guidance_kit.{technique.name}.{uuid.uuid4().hex[:8]}"
     uses_slot = evaluates(technique)
     previous = patched.model_options.get(SLOT)
     if uses_slot and isinstance(getattr(previous, "technique", None), type(technique)):
-        # the same technique again replaces the earlier installation (what it chained stays chained)
+        # the same technique again replaces the earlier installation, or combines with it (``stacked_on``);
+        # what the earlier one chained stays chained
+        technique = technique.stacked_on(previous.technique)
         for wrapper_type in (WrappersMP.OUTER_SAMPLE, WrappersMP.PREDICT_NOISE):
             patched.remove_wrappers_with_key(wrapper_type, previous.key)
+        patched.remove_additional_models(previous.key)
         previous = previous.previous
+    attach_run_stats(patched, technique.name, node_id)
+    key = f"guidance_kit.{technique.name}.{uuid.uuid4().hex[:8]}"
 
     def outer_sample(executor, *args, **kwargs):
         guider = executor.class_obj
@@ -224,7 +233,7 @@ def install(model, technique: Technique, node_id: str | None = None):
         sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
         latent_image = args[1] if len(args) > 1 else kwargs["latent_image"]
         check_sampling_inputs(technique.node, guider, latent_image)
-        slot = _RunSlot(technique.start_run(guider, sigmas, sampler))
+        slot = _RunSlot(technique.start_run(guider, sigmas, sampler), float(getattr(guider, "cfg", 1.0)))
         guider.model_options.setdefault("transformer_options", {})[key] = slot
         return executor(*args, **kwargs)
 
@@ -248,10 +257,16 @@ def install(model, technique: Technique, node_id: str | None = None):
             return evaluator.passthrough()
         slot.reached += 1
         if technique.needs_uncond and evaluator.uncond is None:
+            if slot.reached == 1 and slot.cfg != 1.0:  # guided sampling, yet no unconditional from the start
+                top = args["model_options"].get(SLOT)
+                above = getattr(getattr(top, "technique", None), "node", None) or _slot_name(top)
+                raise RuntimeError(f"{technique.node}: '{above}' above it evaluates no unconditional, so "
+                                   f"{technique.name} cannot act; apply {technique.node} after {above}, or remove one")
             return evaluator.passthrough()
         run = current_run(args["model_options"])
         if run is not None and run.current is not None:
             run.current.baseline_rows = evaluator.baseline_rows
+            run.act(technique.name)
         return technique.evaluate(slot.state, evaluator, run)
 
     calc_cond_batch.technique, calc_cond_batch.key, calc_cond_batch.previous = technique, key, previous
@@ -282,15 +297,26 @@ def check_clone_safe(options, where: str) -> None:
 
 
 def check_sampling_inputs(where: str, guider, latent_image: torch.Tensor) -> None:
-    """What a sampling run needs and ComfyUI would turn into a wrong image without an error: a
-    finite latent, a non-empty positive, and a non-empty negative when CFG uses it."""
+    """What a sampling run needs and ComfyUI would turn into a wrong image or a raw error deep in sampling:
+    a finite cfg and latent, a non-empty positive, a non-empty negative when CFG uses it, and masks whose
+    batch fits the latent's (ComfyUI repeats a mask of batch m over a latent batch b only when m divides b)."""
+    cfg = float(getattr(guider, "cfg", 1.0))
+    if not math.isfinite(cfg):
+        raise ValueError(f"{where}: the sampler's 'cfg' is {cfg}; give a finite guidance scale")
     if not bool(torch.isfinite(latent_image).all()):
         raise ValueError(f"{where}: the sampler's 'latent_image' holds NaN or inf values")
     conds = getattr(guider, "conds", {})
-    needed = ["positive"] + (["negative"] if getattr(guider, "cfg", 1.0) != 1.0 else [])
+    needed = ["positive"] + (["negative"] if cfg != 1.0 else [])
     empty = [name for name in needed if name in conds and not conds[name]]
     if empty:
         raise ValueError(f"{where}: the '{empty[0]}' conditioning is empty (no entries)")
+    batch = latent_image.shape[0]
+    for name, entries in conds.items():
+        for entry in entries or ():
+            mask = entry.get("mask")
+            if isinstance(mask, torch.Tensor) and mask.ndim == 3 and mask.shape[0] < batch and batch % mask.shape[0]:
+                raise ValueError(f"{where}: the '{name}' conditioning's mask has a batch of {mask.shape[0]}, which "
+                                 f"does not divide the latent batch of {batch}; give one mask or one per image")
 
 
 def model_identity(model) -> str:

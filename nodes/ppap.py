@@ -236,6 +236,7 @@ class PPAPGuidance(Technique):
         run = current_run(args["model_options"])
         slot = args["model_options"].get("transformer_options", {}).get(self.key)
         if run is not None and run.current is not None:
+            run.act(self.name)
             run.signal(expert=experts.float(), gradient_norm=ppap.gradient_norms(gradient),
                        target_probability=probability)
             in_use = sorted(set(experts.tolist()))

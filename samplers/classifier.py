@@ -246,9 +246,10 @@ def parse_class_lines(text: str, where: str) -> tuple[dict[str, tuple[str, ...]]
 def latent_rgb_decoder(factors, bias=None) -> Callable[[torch.Tensor], torch.Tensor]:
     """Cheap latent -> pixels: the latent format's linear RGB factors ([channels, 3], applied to the
     model-space latent as ComfyUI's previews do) plus bias, clamped to [-1, 1], at latent resolution
-    (``Classifier.prepare`` resizes).  Differentiable."""
-    matrix = torch.tensor(factors, dtype=torch.float32)
-    offset = torch.zeros(3) if bias is None else torch.tensor(bias, dtype=torch.float32)
+    (``Classifier.prepare`` resizes).  Differentiable, also when made under ``torch.inference_mode``."""
+    with torch.inference_mode(False):
+        matrix = torch.tensor(factors, dtype=torch.float32)
+        offset = torch.zeros(3) if bias is None else torch.tensor(bias, dtype=torch.float32)
 
     def decode(latent: torch.Tensor) -> torch.Tensor:
         rgb = torch.einsum("bchw,cr->brhw", latent.float(), matrix.to(latent.device))

@@ -22,6 +22,7 @@ class Evaluation:
     rows: int = 0
     baseline_rows: int | None = None
     signals: dict = field(default_factory=dict)
+    acted: list[str] = field(default_factory=list)  # the techniques that ran their step on this evaluation
 
     @property
     def rows_saved(self) -> int:
@@ -56,6 +57,15 @@ class RunStats:
         open evaluation."""
         self.current.signals.update({name: value.tolist() if hasattr(value, "tolist") else value
                                      for name, value in values.items()})
+
+    def act(self, technique: str) -> None:
+        """Record that ``technique`` ran its step on the open evaluation (stacked techniques each record)."""
+        if self.current is not None and technique not in self.current.acted:
+            self.current.acted.append(technique)
+
+    @property
+    def techniques_acted(self) -> set[str]:
+        return {name for evaluation in self.evaluations for name in evaluation.acted}
 
     def mark(self, label: str) -> None:
         """Record a decision at the open evaluation."""

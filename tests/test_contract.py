@@ -9,6 +9,7 @@ world's DiT (it honours ComfyUI's ``patches_replace`` block patches like Flux's 
 import copy
 import functools
 import itertools
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -49,7 +50,7 @@ def world():
     from guidance_kit.nodes.toyworld import ToyWorldEmptyLatent, ToyWorldLoader
 
     model, clip, _ = run_node(ToyWorldLoader, "toy_dit.safetensors")
-    encode = nodes.CLIPTextEncode().encode
+    encode = functools.partial(run_node, nodes.CLIPTextEncode)
     positive, negative = encode(clip, "a red circle on the left")[0], encode(clip, "")[0]
     composition = run_node(ComposablePrompt, clip, "a red circle AND a blue square", 1.0)[0]
     calibration = calibrate(model, [positive], negative, run_node(ToyWorldEmptyLatent, 1)[0], seed=0, steps=STEPS,
@@ -78,6 +79,11 @@ class Row:
     # The main model evaluates more than one cond list per evaluation (False for Autoguidance: one main
     # row, one weak row), so ComfyUI's low-memory path has lists to split.
     splits: bool = True
+    acts: tuple[str, ...] = ()  # the run-record names of what acts (RunStats.techniques_acted)
+    # It acts only on evaluations with an unconditional (Technique.needs_uncond: AG, LinearAG) / it evaluates none
+    # (Autoguidance: the weak model takes its place), so the first under the second is a clear error.
+    needs_uncond: bool = False
+    evaluates_uncond: bool = True
 
     def positive(self, world):
         return world.composition if self.composes else world.positive
@@ -169,29 +175,38 @@ PPAP_FAMILY = "'experts': .* was trained on a .* model; this model samples as"
 
 TABLE = [
     Row("Reference CFG Guider", _guider("reference"), guider=True, uses_slot=False, plain_cfg=True),
-    Row("Adaptive Guidance Guider", _guider("ag"), guider=True),
-    Row("Adaptive Guidance", _patch("ag"), guider=False),
-    Row("LinearAG Guider", _guider("linear_ag"), guider=True,
+    Row("Adaptive Guidance Guider", _guider("ag"), guider=True, acts=("AG",), needs_uncond=True),
+    Row("Adaptive Guidance", _patch("ag"), guider=False, acts=("AG",), needs_uncond=True),
+    Row("LinearAG Guider", _guider("linear_ag"), guider=True, acts=("LinearAG",), needs_uncond=True,
         other_family_error="the calibration was fitted on model ToyWorldModel"),
-    Row("LinearAG", _patch("linear_ag"), guider=False,
+    Row("LinearAG", _patch("linear_ag"), guider=False, acts=("LinearAG",), needs_uncond=True,
         other_family_error="the calibration was fitted on model ToyWorldModel"),
-    Row("Composable Guider", _guider("composable"), guider=True, composes=True),
-    Row("Composable", _patch("composable"), guider=False, composes=True),
-    Row("GFCG Guider", _reference_guidance("gfcg", True), guider=True, other_family_error=GFCG_FAMILY),
-    Row("GFCG", _reference_guidance("gfcg", False), guider=False, other_family_error=GFCG_FAMILY),
+    Row("Composable Guider", _guider("composable"), guider=True, composes=True, acts=("Composable",)),
+    Row("Composable", _patch("composable"), guider=False, composes=True, acts=("Composable",)),
+    Row("GFCG Guider", _reference_guidance("gfcg", True), guider=True, other_family_error=GFCG_FAMILY,
+        acts=("GFCG",)),
+    Row("GFCG", _reference_guidance("gfcg", False), guider=False, other_family_error=GFCG_FAMILY, acts=("GFCG",)),
     Row("GFCG + Autoguidance Guider", _reference_guidance("gfcg_atg", True), guider=True, splits=False,
+        acts=("GFCG", "ATG"), evaluates_uncond=False, other_family_error=WEAK_FAMILY),
+    Row("Autoguidance Guider", _reference_guidance("atg", True), guider=True, splits=False, acts=("ATG",),
+        evaluates_uncond=False, other_family_error=WEAK_FAMILY),
+    Row("Autoguidance", _reference_guidance("atg", False), guider=False, splits=False, acts=("ATG",),
+        evaluates_uncond=False,
         other_family_error=WEAK_FAMILY),
-    Row("Autoguidance Guider", _reference_guidance("atg", True), guider=True, splits=False,
-        other_family_error=WEAK_FAMILY),
-    Row("Autoguidance", _reference_guidance("atg", False), guider=False, splits=False,
-        other_family_error=WEAK_FAMILY),
-    Row("PPAP Guider", _ppap(guider=True), guider=True, uses_slot=False, other_family_error=PPAP_FAMILY),
-    Row("PPAP Guidance", _ppap(guider=False), guider=False, uses_slot=False, other_family_error=PPAP_FAMILY),
-    Row("DeeDiff Early Exit", _patch("deediff"), guider=False, uses_slot=False,
+    Row("PPAP Guider", _ppap(guider=True), guider=True, uses_slot=False, other_family_error=PPAP_FAMILY,
+        acts=("PPAP",)),
+    Row("PPAP Guidance", _ppap(guider=False), guider=False, uses_slot=False, other_family_error=PPAP_FAMILY,
+        acts=("PPAP",)),
+    Row("DeeDiff Early Exit", _patch("deediff"), guider=False, uses_slot=False, acts=("DeeDiff",),
         other_family_error="'(model' is a .* network|heads' were trained for another model)"),
 ]
 PATCHES = [row for row in TABLE if not row.guider]
 ids = [row.node for row in TABLE]
+
+
+def technique_of(node: str) -> str:
+    """A regex for the name errors give a node: its technique's, shared by both twins ("X Guider" -> "X")."""
+    return re.escape(node.removesuffix(" Guider"))
 
 
 def guider_of(row, world, model):
@@ -279,13 +294,23 @@ PAIRS = list(itertools.product(PATCHES, TABLE))
 
 @pytest.mark.parametrize("first, second", PAIRS, ids=[f"{a.node} then {b.node}" for a, b in PAIRS])
 def test_every_pair_of_pack_nodes_stacks(world, first, second):
-    """A patch under every node of the pack (itself included): a defined image (this crashed for
-    Adaptive Guidance under Composable: a chained function was handed n + 1 cond lists)."""
+    """A patch under every node of the pack (itself included): both act (their run record says so), or a clear
+    error naming both.  This crashed for Adaptive Guidance under Composable (a chained function was handed
+    n + 1 cond lists), and dropped Autoguidance under GFCG and AG/LinearAG under Autoguidance silently."""
+    from guidance_kit.nodes.stats_wrappers import stats_sink
+
     stacked = first.build(world, world.model)
     guider = second.build(world, stacked) if second.guider else \
         cfg_guider(second.build(world, stacked), (first.composes or second.composes) and world.composition
                    or world.positive, world.negative, CFG)
+    if first.needs_uncond and not second.evaluates_uncond:
+        below, above = technique_of(first.node), technique_of(second.node)
+        with pytest.raises(RuntimeError, match=rf"{below}: '{above}' above it evaluates no unconditional"):
+            sample(guider)
+        return
     assert_image(sample(guider))
+    acted = {part for name in stats_sink(guider.model_patcher).last.techniques_acted for part in name.split("+")}
+    assert set(first.acts) | set(second.acts) <= acted, f"only {sorted(acted)} acted"
 
 
 def _slg(model):
@@ -369,3 +394,42 @@ def test_sub_batched_unconditional_broadcasts_a_mask_like_comfyui(tiny_eps):
     broadcast, _ = run(mask, threshold)
     assert any(4 < e.rows < 8 for e in run_tiled.evaluations), "no evaluation sub-batched the unconditional"
     torch.testing.assert_close(broadcast, tiled, rtol=1e-5, atol=1e-5)
+
+
+def test_autoguidance_and_gfcg_patches_stack_into_gfcg_with_autoguidance(world):
+    """Autoguidance then GFCG (or the reverse) gave GFCG alone (or Autoguidance alone), bit for bit: both are one
+    technique class, and the later installation replaced the earlier.  Now either order samples exactly what the
+    GFCG node with a weak_model samples."""
+    from guidance_kit.nodes import gfcg
+
+    def patched(model, *parts):
+        for part in parts:
+            model = run_node(gfcg.AutoguidanceModelPatch, model, weak_model=world.weak)[0] if part == "atg" else \
+                run_node(gfcg.GFCGModelPatch, model, **_gfcg_options(world, weak=False))[0]
+        return sample(cfg_guider(model, world.positive, world.negative, CFG))
+
+    both = sample(cfg_guider(run_node(gfcg.GFCGModelPatch, world.model, **_gfcg_options(world, weak=True) |
+                                      {"reference_row": "extra"})[0], world.positive, world.negative, CFG))
+    assert not torch.equal(both, patched(world.model, "gfcg"))
+    assert not torch.equal(both, patched(world.model, "atg"))
+    assert torch.equal(patched(world.model, "atg", "gfcg"), both)
+    assert torch.equal(patched(world.model, "gfcg", "atg"), both)
+
+
+def test_a_bound_method_hook_is_refused_when_installed(world):
+    """ModelPatcher.clone deep-copies model_options, and a deep copy of a bound method copies its object: PPAP's
+    post-CFG hook (a bound method) turned its weights into inference tensors in every later clone made in the
+    server, and the next node's sampling failed with a raw autograd error."""
+    from guidance_kit.nodes.patching import Technique, install
+
+    class BoundHook(Technique):
+        node = "Bound Hook"
+
+        def hook(self, args):
+            return args["denoised"]
+
+        def patch(self, patched, key):
+            patched.set_model_sampler_post_cfg_function(self.hook)
+
+    with pytest.raises(TypeError, match="Bound Hook: the hook .*hook is a bound method"):
+        install(world.model, BoundHook())

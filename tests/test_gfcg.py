@@ -3,6 +3,7 @@
 Exactness tests replay a recorded run through a reference guider written from the formulas
 (``samplers/gfcg.py``, ``samplers/autoguidance.py``) with ComfyUI's own ``calc_cond_batch``.
 """
+import functools
 import zlib
 
 import pytest
@@ -27,7 +28,7 @@ def toy():
     from guidance_kit.nodes.toyworld import load_clip, load_model
 
     clip = load_clip(weights.MAIN_WEIGHTS)
-    encode = nodes.CLIPTextEncode().encode
+    encode = functools.partial(run_node, nodes.CLIPTextEncode)
     return {"model": load_model(weights.MAIN_WEIGHTS), "weak": load_model(weights.WEAK_WEIGHTS), "clip": clip,
             "classifier": run_node(LoadClassifier, TOY_CHOICE, "auto")[0], "positive": encode(clip, PROMPT)[0],
             "negative": encode(clip, "")[0], "encode": lambda text: encode(clip, text)[0]}

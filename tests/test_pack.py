@@ -45,3 +45,18 @@ def test_comfy_node_validate_is_clean():
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "warning" not in output.lower() and "error" not in output.lower(), output
+
+
+def test_tests_run_nodes_as_the_executor_does():
+    """Tests call a node through ``harness.executor.run_node`` (inference mode, hidden inputs, node context), never
+    its ``execute`` directly: the direct call passed in-process while the server failed (DeeDiff training)."""
+    direct = []
+    for path in sorted((REPO / "tests").rglob("*.py")) + [REPO / "harness" / "sampling.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            called = node.func if isinstance(node, ast.Call) else None
+            direct_v3 = isinstance(called, ast.Attribute) and called.attr == "execute"
+            v1_instance = isinstance(called, ast.Attribute) and isinstance(called.value, ast.Name) and \
+                called.value.id == "nodes" and called.attr[:1].isupper()  # nodes.CLIPTextEncode().encode(...)
+            if direct_v3 or v1_instance:
+                direct.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert direct == [], f"call these nodes through harness.executor.run_node: {direct}"

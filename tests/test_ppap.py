@@ -26,7 +26,7 @@ def toy(comfy_dir):
     from guidance_kit.toyworld import weights
 
     model, clip = toyworld.load_model(weights.MAIN_WEIGHTS), toyworld.load_clip(weights.MAIN_WEIGHTS)
-    empty = nodes.CLIPTextEncode().encode(clip, "")[0]
+    empty = run_node(nodes.CLIPTextEncode, clip, "")[0]
     return model, empty, toy_classifier(weights.CLASSIFIER_WEIGHTS, "test")
 
 

@@ -6,6 +6,7 @@ Technique nodes come from the contract table (``test_contract.TABLE``: a new row
 too); the other nodes from every module's ``NODES`` (``pack_nodes``).
 """
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -26,7 +27,7 @@ import nodes
 from comfy.patcher_extension import WrappersMP
 
 from harness.executor import run_node
-from harness.sampling import cfg_guider, sample_guider
+from harness.sampling import cfg_guider, ksample, sample_guider
 
 FIGURES = {"sampling runs": 0, "inputs tried": 0}
 world = test_contract.world  # the contract suite's toy world (model, prompts, a calibration)
@@ -54,7 +55,7 @@ def toy():
     from guidance_kit.nodes.toyworld import ToyWorldLoader
 
     model, clip, _ = run_node(ToyWorldLoader, "toy_dit.safetensors")
-    encode = nodes.CLIPTextEncode().encode
+    encode = functools.partial(run_node, nodes.CLIPTextEncode)
     return {"model": model, "clip": clip, "positive": encode(clip, "a red circle on the left")[0],
             "negative": encode(clip, "")[0]}
 
@@ -270,10 +271,48 @@ def test_calibration_used_at_another_cfg_warns(world, caplog):
 
 def test_nan_latent_is_an_error_naming_the_node_not_a_black_image(world):
     for row in TABLE:
-        nan = latent(2)
+        nan = {"samples": latent(2)["samples"].clone()}
         nan["samples"][0, 0, 0, 0] = math.nan
         with pytest.raises(ValueError, match=named(row.node) + ": the sampler's 'latent_image' holds NaN"):
             counted_sample(guider_of(row, world, world.model), nan, steps=2, scheduler="simple")
+
+
+def test_nan_cfg_is_an_error_naming_the_node_and_cfg_not_a_black_image(world):
+    """KSampler at cfg NaN over a pack patch sampled a black image "successfully" (and failed inside Run Stats)."""
+    for row in TABLE:
+        if not row.guider:
+            with pytest.raises(ValueError, match=named(row.node) + ": the sampler's 'cfg' is nan"):
+                ksample(row.build(world, world.model), row.positive(world), world.negative, latent(1),
+                        cfg=math.nan, steps=2, scheduler="simple")
+
+
+def test_a_mask_batch_that_does_not_fit_the_latent_is_an_error_naming_the_conditioning(world):
+    """A batch-2 mask with a batch-3 latent failed deep in sampling with ComfyUI's raw size error."""
+    mask = torch.ones(2, 32, 32)
+    masked = dataclasses.replace(world, positive=[[t, {**o, "mask": mask}] for t, o in world.positive],
+                                 composition=[[t, {**o, "mask": mask}] for t, o in world.composition])
+    for row in TABLE:
+        with pytest.raises(ValueError, match=named(row.node) + ": the 'positive' conditioning's mask has a batch "
+                                                               "of 2, which does not divide the latent batch of 3"):
+            counted_sample(guider_of(row, masked, world.model), latent(3), steps=2, scheduler="simple")
+    fitting = counted_sample(guider_of(TABLE[0], masked, world.model), latent(4), steps=2, scheduler="simple")
+    assert fitting.shape[0] == 4
+
+
+def test_gfcg_warns_when_its_prompt_is_not_the_positive(world, caplog):
+    """GFCG's reference prompts are edits of its 'prompt'; a positive encoded from other words (blue where the
+    prompt says red) used to pass without a word."""
+    from guidance_kit.nodes.gfcg import GFCGModelPatch
+
+    options = test_contract._gfcg_options(world, weak=False)
+    patched = run_node(GFCGModelPatch, world.model, **options)[0]
+    blue = run_node(nodes.CLIPTextEncode, world.clip, "a blue circle on the left")[0]
+    for positive, warned in ((world.positive, False), (blue, True)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            counted_sample(cfg_guider(patched, positive, world.negative, CFG), latent(1), steps=2, scheduler="simple")
+        assert any("GFCG: 'prompt' is not the text of the positive conditioning" in r.message
+                   for r in caplog.records) == warned
 
 
 # ---------------------------------------------------------------- determinism, no leaked state, low memory

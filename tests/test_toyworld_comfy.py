@@ -1,4 +1,6 @@
 """The toy world as real ComfyUI objects: stock nodes, block replacement, wrappers, guidance that matters."""
+import functools
+
 import pytest
 import torch
 
@@ -16,7 +18,7 @@ def toy():
     from guidance_kit.nodes.toyworld import ToyWorldLoader
 
     model, clip, vae = run_node(ToyWorldLoader, "toy_dit.safetensors")
-    encode = nodes.CLIPTextEncode().encode
+    encode = functools.partial(run_node, nodes.CLIPTextEncode)
     return model, clip, vae, encode(clip, "a red circle on the left")[0], encode(clip, "")[0]
 
 
@@ -40,7 +42,7 @@ def test_stock_clip_text_encode(toy):
     _, clip, _, positive, negative = toy
     assert positive[0][0].shape == (1, 16, 128)
     assert not torch.equal(positive[0][0], negative[0][0])
-    again = nodes.CLIPTextEncode().encode(clip, "A red circle on the left")[0]
+    again = run_node(nodes.CLIPTextEncode, clip, "A red circle on the left")[0]
     assert torch.equal(again[0][0], positive[0][0])
 
 
@@ -55,9 +57,9 @@ def test_ksampler_and_custom_advanced_agree(toy):
 def test_pixel_space_vae_round_trip(toy):
     vae = toy[2]
     latent = torch.rand(2, 3, 32, 32) * 2 - 1
-    images = nodes.VAEDecode().decode(vae, {"samples": latent})[0]
+    images = run_node(nodes.VAEDecode, vae, {"samples": latent})[0]
     assert images.shape == (2, 32, 32, 3) and 0 <= images.min() and images.max() <= 1
-    encoded = nodes.VAEEncode().encode(vae, images)[0]["samples"]
+    encoded = run_node(nodes.VAEEncode, vae, images)[0]["samples"]
     assert torch.allclose(encoded, latent, atol=1e-5)
 
 
@@ -108,7 +110,7 @@ def test_guidance_matters_on_dev_single_prompts(toy):
     def pass_rate(cfg):
         passed = 0
         for index, (prompt, spec) in enumerate(singles):
-            positive = nodes.CLIPTextEncode().encode(clip, prompt)[0]
+            positive = run_node(nodes.CLIPTextEncode, clip, prompt)[0]
             samples = ksample(model, positive, negative, empty_latent(2), cfg=cfg, steps=20, scheduler="simple",
                               seed=index)
             images = vae.decode(samples)
