@@ -5,9 +5,10 @@ with their result checked, not just that an image came out.
 * ``stacked_*.json``: a technique's MODEL patch stacked with another pack patch through KSampler (or under
   the Reference CFG guider), on the toy world at batch 2 and a few steps.  Whether every technique acted is
   checked by ablation, as a user would check it: the workflow again with one pack patch bypassed (mode 4,
-  Ctrl+B; ``ui_to_api`` hands its MODEL input on, as the frontend does) must change every saved image by a
-  mean of at least ``MIN_MEAN_CHANGE`` levels of 255.  A technique the stack silently drops leaves the images
-  of the graph without it bit for bit (Autoguidance -> GFCG gave GFCG alone, GFCG -> Autoguidance gave
+  Ctrl+B; ``ui_to_api`` hands its MODEL input on, as the frontend does) must change one of the saved images
+  by a mean of at least ``MIN_MEAN_CHANGE`` levels of 255 (one: AG and GFCG act per sample, and may leave a
+  sample all but untouched).  A technique the stack silently drops leaves every image of the graph without
+  it bit for bit (Autoguidance -> GFCG gave GFCG alone, GFCG -> Autoguidance gave
   Autoguidance alone); a patch that breaks the patches after it fails the run (PPAP's hook, deep-copied by
   every later clone).  The Reference CFG guider must give exactly CFGGuider's images (it is plain CFG plus
   statistics), which also shows that two runs of one graph agree bit for bit, as the ablation assumes.
@@ -15,13 +16,15 @@ with their result checked, not just that an image came out.
   the ``guidance_kit.run_summary`` event).  Run statistics alone cannot show that each technique acted: the
   summary is the last patch's, and a dropped technique need not leave a trace in it.
 * ``train_*.json``: a training node (DeeDiff Train Heads, PPAP Train Experts, LinearAG Calibrate) on tiny
-  settings, sampling with its output where it has one, and a muted group (Ctrl+M) that loads the written file
-  and samples with it.  Queued as saved, then with every node unmuted (as a user does after training): the
-  file exists in the server's models folder, loads, the sampling with it ran (image and Run Stats summary of
-  the technique), and gives the in-memory result's images bit for bit.  The files (``test_server_*``) are
-  removed afterwards.
+  settings, sampling with its output where it has one (PPAP's is a file name: a STRING cannot feed the PPAP
+  node's experts list, which the server checks before the file exists), and a muted group (Ctrl+M) that loads
+  the written file and samples with it.  Queued as saved, then with every node unmuted (as a user does after
+  training): the file exists in the server's models folder, loads, the sampling with it ran (image and Run
+  Stats summary of the technique), and gives the in-memory result's images bit for bit.  The files
+  (``test_server_*``) are removed afterwards.
 
-About 20 s of runs on 2 shared CPU cores, plus the server start (~15 s) when no other test started it.
+About 15 s of runs (27 prompts) on 2 shared CPU cores, plus the server start (~12 s) when no other test
+started it: 25 to 45 s for the module on this box.
 """
 import copy
 import json
@@ -39,7 +42,7 @@ WORKFLOWS = Path(__file__).resolve().parent / "workflows"
 STACKED = sorted(WORKFLOWS.glob("stacked_*.json"))
 TRAINING = sorted(WORKFLOWS.glob("train_*.json"))
 API_PROMPTS = {"tiny_reference_cfg.json"}  # test_server.py's API prompt, not a saved workflow
-MIN_MEAN_CHANGE = 1.0  # levels of 255; a technique that acts changes these images by 3 to 70
+MIN_MEAN_CHANGE = 1.0  # levels of 255; the techniques here change their most-changed image by 3.6 to 71
 RUN_STATS = "GuidanceKitRunStats"
 REFERENCE_GUIDER = "GuidanceKitReferenceCFGGuider"
 AUTOGUIDANCE, GFCG, PPAP = "GuidanceKitAutoguidance", "GuidanceKitGFCG", "GuidanceKitPPAP"
@@ -121,10 +124,10 @@ def summaries(entry: dict) -> dict[str, str]:
     return {node_id: " ".join(output["text"]) for node_id, output in entry["outputs"].items() if "text" in output}
 
 
-def least_change(images: dict[str, np.ndarray], others: dict[str, np.ndarray]) -> float:
-    """The smallest mean absolute difference of one image between two runs' saved images."""
+def largest_change(images: dict[str, np.ndarray], others: dict[str, np.ndarray]) -> float:
+    """The largest mean absolute difference of one image between two runs' saved images."""
     assert images.keys() == others.keys(), (images.keys(), others.keys())
-    return min(float(np.abs(images[k] - others[k]).mean(axis=(1, 2, 3)).min()) for k in images)
+    return max(float(np.abs(images[k] - others[k]).mean(axis=(1, 2, 3)).max()) for k in images)
 
 
 # ---------------------------------------------------------------- the workflow set
@@ -173,9 +176,10 @@ def test_every_technique_of_a_stacked_workflow_acts(comfy_server, object_info, p
         if node["type"] in patches:
             without = saved_images(comfy_server, queue(comfy_server, variant(workflow, node["id"], mode=BYPASSED),
                                                        object_info))
-            change = least_change(images, without)
+            change = largest_change(images, without)
             if change < MIN_MEAN_CHANGE:
-                dropped.append(f"{label(node, object_info)}: bypassing it changes an image by {change:.3f} levels")
+                dropped.append(f"{label(node, object_info)}: bypassing it changes no image by more than "
+                               f"{change:.3f} levels")
         elif node["type"] == REFERENCE_GUIDER:
             plain = saved_images(comfy_server, queue(comfy_server, variant(workflow, node["id"], type="CFGGuider"),
                                                      object_info))
