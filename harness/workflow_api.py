@@ -2,6 +2,7 @@
 server's ``/object_info`` for each node's input order (what the frontend does on Queue)."""
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SEED_NAMES = {"seed", "noise_seed"}
+MUTED, BYPASSED = 2, 4
 
 
 def _widget_names(definition: dict) -> list[tuple[str, bool]]:
@@ -17,12 +18,29 @@ def _widget_names(definition: dict) -> list[tuple[str, bool]]:
     return names
 
 
+def _source(link_id: int, wanted_type: str, links: dict, nodes: dict) -> list | None:
+    """[node id, slot] that feeds ``link_id``, passing through bypassed nodes as the frontend does: a
+    bypassed node hands on its input of the wanted type (the input at the link's slot first, then the
+    first such input); None when it has none, or that input is not connected."""
+    _, source, slot, *_ = links[link_id]
+    while nodes[source].get("mode", 0) == BYPASSED:
+        inputs = nodes[source].get("inputs", [])
+        index = next((i for i in (slot, *range(len(inputs))) if i < len(inputs) and inputs[i]["type"] == wanted_type),
+                     None)
+        if index is None or inputs[index].get("link") is None:
+            return None
+        _, source, slot, *_ = links[inputs[index]["link"]]
+    return [str(source), slot]
+
+
 def ui_to_api(workflow: dict, object_info: dict) -> dict:
-    """The API prompt of a UI-format workflow (muted and bypassed nodes left out)."""
+    """The API prompt of a UI-format workflow: muted and bypassed nodes left out, links through a
+    bypassed node passed on to its input of the same type (``_source``)."""
     links = {link[0]: link for link in workflow["links"]}
+    nodes = {node["id"]: node for node in workflow["nodes"]}
     prompt = {}
     for node in workflow["nodes"]:
-        if node.get("mode", 0) in (2, 4):
+        if node.get("mode", 0) in (MUTED, BYPASSED):
             continue
         definition = object_info[node["type"]]
         inputs = {}
@@ -35,7 +53,8 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
                 values.pop(0)
         for entry in node.get("inputs", []):
             if entry.get("link") is not None:
-                _, source, slot, *_ = links[entry["link"]]
-                inputs[entry["name"]] = [str(source), slot]
+                source = _source(entry["link"], entry["type"], links, nodes)
+                if source is not None:
+                    inputs[entry["name"]] = source
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return prompt
