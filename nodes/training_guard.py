@@ -36,6 +36,7 @@ import comfy.model_management
 
 logger = logging.getLogger(__name__)
 BUDGET_FRACTION = 0.75
+SHOWN_NEEDS = 3  # the largest needs named in a message
 
 
 @dataclass(frozen=True)
@@ -75,9 +76,11 @@ def check_memory(node: str, needs: list[Need], device) -> None:
         total = sum(need.bytes for need in held)
         free = comfy.model_management.get_free_memory(torch.device("cpu") if memory == "RAM" else device)
         budget = BUDGET_FRACTION * free
-        parts = "; ".join(f"{need.what}: {size(need.bytes)}" for need in sorted(held, key=lambda n: -n.bytes))
+        ranked = sorted(held, key=lambda need: -need.bytes)
+        parts = "; ".join(f"{need.what}: {size(need.bytes)}" for need in ranked[:SHOWN_NEEDS])
+        parts += f"; {len(ranked) - SHOWN_NEEDS} smaller" if len(ranked) > SHOWN_NEEDS else ""
         if total > budget:
-            largest = max(held, key=lambda need: need.bytes)
+            largest = ranked[0]
             raise ValueError(f"{node}: '{largest.input}': this run would hold about {size(total)} in {memory} "
                              f"({parts}), more than {BUDGET_FRACTION:.0%} of the {size(free)} free; lower "
                              f"'{largest.input}'")
