@@ -450,10 +450,6 @@ def train_heads(model, features: ExitFeatures, settings: training.TrainSettings,
     return TrainedHeads(heads.eval().requires_grad_(False), identity, {"steps": result.step}), result
 
 
-def heads_files() -> list[str]:
-    return model_files.choices(FOLDER)
-
-
 def prompts_fingerprint(prompts: list[str], negative: str) -> str:
     """Identity of a prompt list and negative prompt (a checkpoint resumes only for the same ones)."""
     return hashlib.sha256("\n".join([negative, *prompts]).encode()).hexdigest()[:16]
@@ -545,7 +541,7 @@ class DeeDiffTrain(io.ComfyNode):
                                         steps=sample_steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
                                         denoise=denoise, on_step=lambda: progress.update(1), after_first_run=check)
         features = exit_features(model, arch, recording, training_rows, on_chunk=progress.update)
-        del recording
+        del recording  # the recorded inputs are not needed for training
         checkpoint = path.parent / CHECKPOINT_SUBFOLDER / path.name
         trained, result = train_heads(model, features, settings, path, hidden=head_hidden, data=data,
                                       checkpoint=checkpoint, on_step=lambda step, total, loss: progress.update_absolute(
@@ -562,7 +558,7 @@ class DeeDiffLoad(io.ComfyNode):
             node_id="GuidanceKitDeeDiffLoad",
             display_name=LOAD_NODE,
             category=CATEGORY,
-            inputs=[io.Combo.Input("heads", options=heads_files(),
+            inputs=[io.Combo.Input("heads", options=model_files.choices(FOLDER),
                                    tooltip="Heads written by DeeDiff Train Heads (models/deediff/), or the shipped "
                                            "heads of the toy model.")],
             outputs=[DeeDiffHeads.Output(display_name="heads")],
