@@ -27,4 +27,8 @@ def boot() -> Path:
 
     args.cpu = True
     import comfy.model_management  # noqa: F401  (reads args.cpu at import)
+
+    # ComfyUI's top-level ``nodes`` now, while its folder leads sys.path: pytest later puts the repository root
+    # (the pack's own ``nodes/`` package) in front when it imports the root ``__init__.py``.
+    import nodes  # noqa: F401
     return path

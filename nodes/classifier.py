@@ -6,12 +6,9 @@ names, read by GFCG (no gradients) and PPAP (gradients).  Sources: classifier bu
 user's own CLIP_VISION and CLIP.  ``pixel_reader`` turns a model's clean estimate (a latent in the
 model's space) into the ``[-1, 1]`` pixels the classifier reads, by the classifier's pixel source.
 """
-import os
-
 import torch
 
 import comfy.model_management
-import folder_paths
 from comfy_api.latest import io
 
 from ..samplers.bundles import fingerprint
@@ -26,12 +23,11 @@ from ..samplers.classifier import (
     parse_class_lines,
     toy_classifier,
 )
-from ..toyworld import weights
+from .contract import model_files
 
 CATEGORY = "Guidance Kit/classifier"
 FOLDER = "classifiers"
-TOY_CHOICE = "toy_classifier.safetensors (toy world)"
-folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
+TOY_CHOICE = model_files.TOY_CLASSIFIER
 
 ClassifierType = io.Custom("GUIDANCE_KIT_CLASSIFIER")
 
@@ -93,7 +89,7 @@ class LoadClassifier(io.ComfyNode):
             description="An image classifier for classifier-based guidance (GFCG, PPAP): a Guidance Kit classifier "
                         "bundle from models/classifiers/, or the toy world's shipped colour/shape/position "
                         "classifier. Keys, shapes and class names are checked on loading.",
-            inputs=[io.Combo.Input("classifier", options=[TOY_CHOICE, *folder_paths.get_filename_list(FOLDER)],
+            inputs=[io.Combo.Input("classifier", options=model_files.choices(FOLDER),
                                    tooltip="Classifier file (models/classifiers/*.safetensors, format "
                                            "guidance_kit.classifier/1), or the toy world's."),
                     *pixel_source_inputs()],
@@ -103,10 +99,8 @@ class LoadClassifier(io.ComfyNode):
     @classmethod
     def execute(cls, classifier, pixel_source, vae=None) -> io.NodeOutput:
         where = f"Load Classifier 'classifier' ({classifier})"
-        if classifier == TOY_CHOICE:
-            loaded = toy_classifier(weights.CLASSIFIER_WEIGHTS, where)
-        else:
-            loaded = load_classifier(folder_paths.get_full_path_or_raise(FOLDER, classifier), where)
+        path = model_files.resolve(FOLDER, classifier, "Load Classifier", "classifier")
+        loaded = toy_classifier(path, where) if classifier == TOY_CHOICE else load_classifier(path, where)
         return io.NodeOutput(with_pixel_source(loaded, pixel_source, vae, "Load Classifier"))
 
 

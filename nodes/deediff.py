@@ -22,10 +22,8 @@
 import hashlib
 import logging
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from einops import rearrange
@@ -34,7 +32,6 @@ import comfy.model_management
 import comfy.sample
 import comfy.samplers
 import comfy.utils
-import folder_paths
 from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 from comfy.patcher_extension import WrappersMP
 from comfy_api.latest import io
@@ -49,19 +46,28 @@ from .contract import (
     check_numeric_inputs,
     current_run,
     install,
+    model_files,
     model_input,
     node_id_of,
     run_state,
+)
+from .contract.training_guard import (
+    Need,
+    check_interrupt,
+    check_memory,
+    interrupt_requested,
+    log_work,
+    raise_interrupt,
+    size,
+    tensor_bytes,
 )
 
 logger = logging.getLogger(__name__)
 CATEGORY = "Guidance Kit/acceleration"
 FOLDER = "deediff"
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "toyworld" / "deediff"
 CHECKPOINT_SUBFOLDER = ".checkpoints"
-folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
-folder_paths.add_model_folder_path(FOLDER, str(SHIPPED_DIR))
-folder_paths.folder_names_and_paths[FOLDER][1].add(".safetensors")
+FEATURE_CHUNK = 32  # recorded rows per frozen forward pass when collecting exit features
+PROBE_TOKENS = 16  # image tokens of the heads' memory probe (their memory is linear in the tokens)
 TRAIN_NODE = "DeeDiff Train Heads (Guidance Kit)"
 LOAD_NODE = "DeeDiff Load Heads (Guidance Kit)"
 PATCH_NODE = "DeeDiff Early Exit (Guidance Kit)"
@@ -258,9 +264,11 @@ class Recording:
 
 
 def record_model_inputs(model, positives: list, negative, latent: dict, *, seed: int, steps: int, cfg: float,
-                        sampler_name: str, scheduler: str, denoise: float = 1.0, on_step=None) -> Recording:
-    """Sample every positive CONDITIONING with full CFG (the latent's batch, noise from ``seed + index``)
-    and record every diffusion-model call's inputs."""
+                        sampler_name: str, scheduler: str, denoise: float = 1.0, on_step=None,
+                        after_first_run: Callable[[int], None] | None = None) -> Recording:
+    """Sample every positive CONDITIONING with full CFG (the latent's batch, noise from ``seed + index`` modulo
+    2**64) and record every diffusion-model call's inputs.  ComfyUI's interrupt is checked every step;
+    ``after_first_run(rows)`` gets the model rows the first run recorded (e.g. to check memory again)."""
     calls = []
     recorder = model.clone()
 
@@ -276,12 +284,19 @@ def record_model_inputs(model, positives: list, negative, latent: dict, *, seed:
     sampling = recorder.get_model_object("model_sampling")
     sigmas = comfy.samplers.calculate_sigmas(sampling, scheduler, round(steps / denoise)).cpu()[-(steps + 1):]
     latent_image = comfy.sample.fix_empty_latent_channels(recorder, latent["samples"])
-    callback = (lambda step, denoised, x, total: on_step()) if on_step else None
+
+    def callback(step, denoised, x, total):
+        check_interrupt()
+        if on_step is not None:
+            on_step()
+
     for index, positive in enumerate(positives):
         guider = cfg_guider(recorder, positive, negative, cfg)
-        noise = comfy.sample.prepare_noise(latent_image, seed + index)
+        noise = comfy.sample.prepare_noise(latent_image, training.offset_seed(seed, index))
         guider.sample(noise, latent_image, comfy.samplers.sampler_object(sampler_name), sigmas, callback=callback,
-                      disable_pbar=True, seed=seed + index)
+                      disable_pbar=True, seed=training.offset_seed(seed, index))
+        if index == 0 and after_first_run is not None:
+            after_first_run(sum(call[0].shape[0] for call in calls))
     return _stack_calls(calls)
 
 
@@ -333,13 +348,15 @@ class ExitFeatures:
         return self.tokens.shape[0]
 
 
-def exit_features(model, arch: Architecture, recording: Recording, rows: int, *, chunk: int = 32,
+def exit_features(model, arch: Architecture, recording: Recording, rows: int, *, chunk: int = FEATURE_CHUNK,
                   on_chunk=None) -> ExitFeatures:
-    """ExitFeatures of ``rows`` recorded rows evenly spaced over the recording (all of them when fewer)."""
+    """ExitFeatures of ``rows`` recorded rows evenly spaced over the recording (all of them when fewer);
+    ComfyUI's interrupt is checked before every chunk."""
     comfy.model_management.load_models_gpu([model])
     index = torch.linspace(0, len(recording) - 1, min(rows, len(recording))).round().long().unique()
     tokens, vecs, pseudo = [], [], []
     for part in index.split(chunk):
+        check_interrupt()
         hidden, vec = block_outputs(model, arch, *recording.rows(part))
         with torch.no_grad():
             predictions = [arch.output_tokens(h, vec).float() for h in hidden]
@@ -365,27 +382,80 @@ def heads_loss(heads: deediff.UncertaintyHeads, features: ExitFeatures, settings
     return loss_fn
 
 
+def heads_step_memory(arch: Architecture, hidden: int, tokens: int) -> training.StepMemory:
+    """``training.step_memory`` of one optimiser step of the heads over ``tokens`` image tokens, probed on one
+    exit over ``PROBE_TOKENS`` tokens with synthetic features and scaled to every exit and token (the exits are
+    alike and work token by token)."""
+    probe_tokens = min(tokens, PROBE_TOKENS)
+    with training.grad_mode():
+        one_exit = deediff.UncertaintyHeads(2, arch.width, arch.vec_dim, arch.out_dim, hidden)
+
+    def forward(rows):
+        features = ExitFeatures(torch.zeros(rows, 1, probe_tokens, arch.width, dtype=torch.float16),
+                                torch.zeros(rows, arch.vec_dim),
+                                torch.zeros(rows, 1, probe_tokens, arch.out_dim, dtype=torch.float16))
+        return heads_loss(one_exit, features, training.TrainSettings(steps=1, batch_size=rows))(0, slice(None))
+
+    measured = training.step_memory({"heads": one_exit}, forward)
+    exits = arch.blocks - 1
+    return training.StepMemory(math.ceil(measured.per_row * exits * tokens / probe_tokens), measured.fixed * exits)
+
+
+def feature_row_bytes(arch: Architecture, tokens: int) -> int:
+    """Bytes of one ExitFeatures row: every exit's tokens and pseudo uncertainty (float16), the vector."""
+    exits = arch.blocks - 1
+    return tensor_bytes([exits, tokens, arch.width + arch.out_dim], torch.float16) + tensor_bytes([arch.vec_dim])
+
+
+def memory_needs(model, arch: Architecture, latent: dict, negative, *, runs: int, rows_per_run: int,
+                 training_rows: int, batch_size: int, hidden: int) -> list[Need]:
+    """What DeeDiff Train Heads holds at its peak (``training_guard``): the recorded model inputs of ``runs``
+    runs of ``rows_per_run`` model rows (twice while concatenated), the exit features (twice while
+    concatenated), one chunk's block outputs, and one optimiser step measured on a probe of the heads."""
+    samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    tokens = arch.image_tokens(samples)
+    conditioning = sum(tensor.numel() * tensor.element_size() for entry in negative
+                       for tensor in [entry[0], *entry[1].values()] if isinstance(tensor, torch.Tensor))
+    recorded_row = tensor_bytes(samples.shape[1:]) + conditioning + tensor_bytes([1])
+    rows = runs * rows_per_run
+    kept = min(training_rows, rows)
+    feature_row = feature_row_bytes(arch, tokens)
+    chunk = min(FEATURE_CHUNK, kept)
+    step = heads_step_memory(arch, hidden, tokens)
+    return [
+        Need("prompts", f"the model inputs of {runs} runs x {rows_per_run} rows ({size(recorded_row)} per row), "
+                        "twice while concatenated", 2 * rows * recorded_row),
+        Need("training_rows", f"exit features of {kept} rows ({size(feature_row)} each), twice while concatenated",
+             2 * kept * feature_row),
+        Need("training_rows", f"block outputs of a chunk of {chunk} rows",
+             chunk * (arch.blocks * tokens * (arch.width + arch.out_dim) * 4 + feature_row), on_device=True),
+        Need("batch_size", f"one optimiser step of {batch_size} rows ({size(step.per_row)} per row measured on the "
+                           "heads, plus their features)", batch_size * (step.per_row + feature_row), on_device=True),
+        Need("head_hidden", "the heads with their gradients and AdamW state", step.fixed, on_device=True),
+    ]
+
+
 def train_heads(model, features: ExitFeatures, settings: training.TrainSettings, path, *, hidden: int = 0,
                 data: dict | None = None, checkpoint=None, context: training.DistributedContext | None = None,
                 on_step=None, where: str = TRAIN_NODE) -> tuple[TrainedHeads, training.TrainResult]:
     """Train uncertainty heads for ``model`` on ``features`` with the shared training core; the main process
-    saves them to ``path`` (with the model's identity, the block count and the training settings)."""
+    saves them to ``path`` (with the model's identity, the block count and the training settings).  On
+    ComfyUI's interrupt the run checkpoints, nothing is saved to ``path``, and the interrupt is raised."""
     arch = architecture(model, where)
     context = context or training.DistributedContext.from_environment(model.load_device)
     torch.manual_seed(settings.seed)
-    heads = deediff.UncertaintyHeads(arch.blocks, arch.width, arch.vec_dim, arch.out_dim, hidden).to(context.device)
+    with training.grad_mode():
+        heads = deediff.UncertaintyHeads(arch.blocks, arch.width, arch.vec_dim, arch.out_dim, hidden).to(
+            context.device)
     identity = {**arch.shape(), "hidden": hidden, "fingerprint": model_fingerprint(model, arch), "data": data or {}}
     result = training.train({"heads": heads}, heads_loss(heads, features, settings), settings, context,
                             identity=identity, checkpoint=checkpoint, checkpoint_every=max(1, settings.steps // 10),
-                            on_step=on_step)
+                            on_step=on_step, should_stop=interrupt_requested)
+    if not result.completed:
+        raise_interrupt()
     if context.is_main:
         training.save_trained(path, {"heads": heads}, deediff.FORMAT, identity, settings, result)
     return TrainedHeads(heads.eval().requires_grad_(False), identity, {"steps": result.step}), result
-
-
-def heads_files() -> list[str]:
-    return [name for name in folder_paths.get_filename_list(FOLDER)
-            if not name.replace("\\", "/").startswith(CHECKPOINT_SUBFOLDER + "/")]
 
 
 def prompts_fingerprint(prompts: list[str], negative: str) -> str:
@@ -448,9 +518,7 @@ class DeeDiffTrain(io.ComfyNode):
                                                "denoise": denoise, "train_steps": train_steps,
                                                "training_rows": training_rows, "batch_size": batch_size,
                                                "learning_rate": learning_rate, "head_hidden": head_hidden})
-        name = filename.strip().removesuffix(".safetensors")
-        if not name or os.path.basename(name) != name or name.startswith("."):
-            raise ValueError(f"{TRAIN_NODE}: 'filename' must be a plain file name, got {filename!r}")
+        path = model_files.output_path(FOLDER, filename, TRAIN_NODE)
         lines = [line.strip() for line in prompts.splitlines() if line.strip()]
         if not lines:
             raise ValueError(f"{TRAIN_NODE}: 'prompts' is empty; give at least one prompt (one per line)")
@@ -459,25 +527,34 @@ class DeeDiffTrain(io.ComfyNode):
         check_number(TRAIN_NODE, "learning_rate", learning_rate, 0.0, 1.0, low_open=True)
         check_number(TRAIN_NODE, "denoise", denoise, 0.0, 1.0, low_open=True)
         settings = training.TrainSettings(steps=train_steps, batch_size=batch_size, lr=learning_rate, seed=seed)
-        recorded_rows = min(training_rows, len(lines) * sample_steps * 2 * int(latent["samples"].shape[0]))
+        negative = encode(clip, negative_prompt)
+        images = int(latent["samples"].shape[0])
+
+        def check(rows_per_run: int) -> None:
+            check_memory(TRAIN_NODE, memory_needs(model, arch, latent, negative, runs=len(lines),
+                                                  rows_per_run=rows_per_run, training_rows=training_rows,
+                                                  batch_size=batch_size, hidden=head_hidden), model.load_device)
+
+        check(sample_steps * images * (2 if cfg > 1 else 1))  # one model call per step: the fewest of any sampler
+        log_work(TRAIN_NODE, f"{len(lines)} sampling runs of {sample_steps} steps at batch {images}, block outputs "
+                             f"of up to {training_rows} rows, {train_steps} optimiser steps of {batch_size} rows")
+        recorded_rows = min(training_rows, len(lines) * sample_steps * 2 * images)
         before_training = len(lines) * sample_steps + recorded_rows
         progress = comfy.utils.ProgressBar(before_training + train_steps, node_id=node_id_of(cls))
         data = {"prompts": len(lines), "prompts_fingerprint": prompts_fingerprint(lines, negative_prompt),
-                "images": len(lines) * int(latent["samples"].shape[0]), "rows": training_rows,
-                "sampler": sampler_name,
+                "images": len(lines) * images, "rows": training_rows, "sampler": sampler_name,
                 "scheduler": scheduler, "sample_steps": sample_steps, "cfg": cfg, "denoise": denoise,
                 "negative_prompt": negative_prompt}
-        recording = record_model_inputs(model, [encode(clip, line) for line in lines], encode(clip, negative_prompt),
-                                        latent, seed=seed, steps=sample_steps, cfg=cfg, sampler_name=sampler_name,
-                                        scheduler=scheduler, denoise=denoise, on_step=lambda: progress.update(1))
+        recording = record_model_inputs(model, [encode(clip, line) for line in lines], negative, latent, seed=seed,
+                                        steps=sample_steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
+                                        denoise=denoise, on_step=lambda: progress.update(1), after_first_run=check)
         features = exit_features(model, arch, recording, training_rows, on_chunk=progress.update)
-        folder = folder_paths.get_folder_paths(FOLDER)[0]
-        checkpoint = os.path.join(folder, CHECKPOINT_SUBFOLDER, name + ".safetensors")
-        path = os.path.join(folder, name + ".safetensors")
+        del recording  # the recorded inputs are not needed for training
+        checkpoint = path.parent / CHECKPOINT_SUBFOLDER / path.name
         trained, result = train_heads(model, features, settings, path, hidden=head_hidden, data=data,
                                       checkpoint=checkpoint, on_step=lambda step, total, loss: progress.update_absolute(
                                           before_training + step))
-        Path(checkpoint).unlink(missing_ok=True)
+        checkpoint.unlink(missing_ok=True)
         logger.info(f"DeeDiff: saved {path} ({result.step} steps, final loss {result.final_loss:.4g})")
         return io.NodeOutput(trained)
 
@@ -489,7 +566,7 @@ class DeeDiffLoad(io.ComfyNode):
             node_id="GuidanceKitDeeDiffLoad",
             display_name=LOAD_NODE,
             category=CATEGORY,
-            inputs=[io.Combo.Input("heads", options=heads_files(),
+            inputs=[io.Combo.Input("heads", options=model_files.choices(FOLDER),
                                    tooltip="Heads written by DeeDiff Train Heads (models/deediff/), or the shipped "
                                            "heads of the toy model.")],
             outputs=[DeeDiffHeads.Output(display_name="heads")],
@@ -497,10 +574,7 @@ class DeeDiffLoad(io.ComfyNode):
 
     @classmethod
     def execute(cls, heads) -> io.NodeOutput:
-        if heads not in folder_paths.get_filename_list(FOLDER):
-            raise ValueError(f"{LOAD_NODE}: 'heads' must be a file listed from models/{FOLDER}/ or the shipped "
-                             f"heads, got {heads!r}")
-        return io.NodeOutput(load_heads(folder_paths.get_full_path_or_raise(FOLDER, heads), f"{LOAD_NODE} 'heads'"))
+        return io.NodeOutput(load_heads(model_files.resolve(FOLDER, heads, LOAD_NODE, "heads"), f"{LOAD_NODE} 'heads'"))
 
 
 class DeeDiffModelPatch(io.ComfyNode):

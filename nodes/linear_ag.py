@@ -17,7 +17,6 @@ samplers/linear_ag.py.
 """
 import logging
 import math
-import os
 
 import torch
 
@@ -25,33 +24,30 @@ import comfy.sample
 import comfy.sampler_helpers
 import comfy.samplers
 import comfy.utils
-import folder_paths
 from comfy_api.latest import io
 
 from ..samplers import linear_ag as lag
 from ..samplers.linear_ag import Calibration
-from ..toyworld.weights import CALIBRATIONS_DIR
+from ..samplers.training import offset_seed
 from .contract import (
     Technique,
     TwinSpec,
     cfg_guider,
     check_number,
+    check_numeric_inputs,
     guider_and_patch,
     guider_inputs,
     install,
+    model_files,
     model_identity,
     model_input,
     node_id_of,
     sampler_cfg,
 )
+from .contract.training_guard import Need, check_interrupt, check_memory, log_work, size, tensor_bytes
 
 logger = logging.getLogger(__name__)
 FOLDER = "linear_ag"
-folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
-# Calibrations shipped with the pack (the toy model's); listed after models/linear_ag/, where
-# LinearAG Calibrate writes.
-folder_paths.add_model_folder_path(FOLDER, str(CALIBRATIONS_DIR))
-folder_paths.folder_names_and_paths[FOLDER][1].add(".safetensors")
 FINGERPRINT_SIZE = 4096
 SIGMA_RTOL = 1e-4
 LinearAGCalibration = io.Custom("GUIDANCE_KIT_LINEAR_AG")
@@ -61,7 +57,6 @@ NODE = "LinearAG"
 CALIBRATE_NODE = "LinearAG Calibrate"
 LOAD_NODE = "LinearAG Load Calibration"
 CFG_RTOL = 1e-3
-NAME_LIMIT = 255  # bytes of a file name on common file systems
 
 
 def negative_fingerprint(cond_list) -> torch.Tensor:
@@ -84,7 +79,8 @@ def fingerprints_match(a: torch.Tensor, b: torch.Tensor) -> bool:
 def full_cfg_trajectories(model, positives: list, negative, latent: dict, *, seed: int, steps: int, cfg: float,
                           sampler_name: str, scheduler: str, on_step=None):
     """For each positive CONDITIONING, a full-CFG run (stock CFGGuider) of the latent's batch, noise
-    from ``seed + index``; yields (xs, conds, unconds, evaluation_sigmas, samples) per prompt."""
+    from ``seed + index`` (modulo 2**64), ComfyUI's interrupt checked every step; yields (xs, conds, unconds,
+    evaluation_sigmas, samples) per prompt."""
     if not cfg > 1.0:
         raise ValueError(f"LinearAG calibration: cfg must be > 1 (the unconditional is what is fitted), got {cfg}")
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
@@ -105,16 +101,42 @@ def full_cfg_trajectories(model, positives: list, negative, latent: dict, *, see
 
         recorder.set_model_sampler_calc_cond_batch_function(calc_cond_batch)
         guider = cfg_guider(recorder, positive, negative, cfg)
-        noise = comfy.sample.prepare_noise(latent_image, seed + index)
-        callback = (lambda step, denoised, x, total: on_step()) if on_step else None
+        noise = comfy.sample.prepare_noise(latent_image, offset_seed(seed, index))
         samples = guider.sample(noise, latent_image, comfy.samplers.sampler_object(sampler_name), sigmas,
-                                callback=callback, disable_pbar=True, seed=seed + index)
+                                callback=lambda *step: _step_done(on_step), disable_pbar=True,
+                                seed=offset_seed(seed, index))
         yield record["x"], record["cond"], record["uncond"], torch.tensor(record["sigma"]), samples
 
 
+def _step_done(on_step) -> None:
+    check_interrupt()
+    if on_step is not None:
+        on_step()
+
+
+def memory_needs(model, latent: dict, *, evaluations: int, terms=lag.TERMS) -> list[Need]:
+    """What a calibration holds at its peak (``training_guard``): one prompt's trajectories (x, D_c, D_u per
+    evaluation) with one regression's design matrices (float64), and the least-squares sums of every
+    (anchor, target) pair with the copies the solve makes."""
+    samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    batch, channels = samples.shape[:2]
+    image = tensor_bytes(samples.shape[1:])
+    k = len(terms)
+    return [
+        Need("latent", f"one prompt's trajectories of {evaluations} evaluations x {batch} images "
+                       f"({size(image)} each) and a regression's design matrices",
+             (3 * evaluations + 1) * batch * image + 2 * 2 * batch * image * k),
+        Need("steps", f"the least-squares sums of {evaluations} x {evaluations} evaluation pairs",
+             3 * tensor_bytes([evaluations, evaluations, channels, k * k + k], torch.float64)),
+    ]
+
+
 def calibrate(model, positives: list, negative, latent: dict, *, seed: int, steps: int, cfg: float, sampler_name: str,
-              scheduler: str, negative_prompt: str = "", terms=lag.TERMS, node_id=None) -> Calibration:
-    """Fit LinearAG's coefficients on full-CFG trajectories (progress bar: one tick per step)."""
+              scheduler: str, negative_prompt: str = "", terms=lag.TERMS, node_id=None,
+              after_first_run=None) -> Calibration:
+    """Fit LinearAG's coefficients on full-CFG trajectories (progress bar: one tick per step; ComfyUI's
+    interrupt checked every step and every target of the fit).  ``after_first_run(evaluations)``: called with
+    the first run's evaluation count before the fit is allocated (e.g. to check memory again)."""
     if not positives:
         raise ValueError("LinearAG calibration: prompts is empty; give at least one prompt (one per line)")
     progress = comfy.utils.ProgressBar(len(positives) * steps, node_id=node_id)
@@ -123,8 +145,10 @@ def calibrate(model, positives: list, negative, latent: dict, *, seed: int, step
             model, positives, negative, latent, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
             scheduler=scheduler, on_step=lambda: progress.update(1)):
         if fit is None:
+            if after_first_run is not None:
+                after_first_run(len(xs))
             fit, evaluation_sigmas = lag.LeastSquaresFit(len(xs), xs[0].shape[1], terms), sigmas
-        fit.add_trajectory(xs, conds, unconds)
+        fit.add_trajectory(xs, conds, unconds, on_target=check_interrupt)
     schedule = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
     sampler = comfy.samplers.sampler_object(sampler_name)
     info = {"model": model_identity(model), "model_type": model.model.model_type.name, "sampler": sampler_name,
@@ -249,7 +273,7 @@ def patch_linear_ag(model, node_id=None, *, linear_ag: Calibration, true_every: 
 
 
 def calibration_files() -> list[str]:
-    return folder_paths.get_filename_list(FOLDER)
+    return model_files.choices(FOLDER)
 
 
 def _pattern_inputs():
@@ -300,40 +324,27 @@ class LinearAGCalibrate(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, prompts, negative_prompt, latent, seed, steps, cfg, sampler_name, scheduler,
                 filename) -> io.NodeOutput:
-        path = calibration_path(filename)
-        check_number(CALIBRATE_NODE, "cfg", cfg, 1.0, 100.0, low_open=True)
-        check_number(CALIBRATE_NODE, "steps", steps, 2, 200)
-        check_number(CALIBRATE_NODE, "seed", seed, 0, 0xffffffffffffffff)
+        check_numeric_inputs(cls, CALIBRATE_NODE, {"seed": seed, "steps": steps, "cfg": cfg})
+        path = model_files.output_path(FOLDER, filename, CALIBRATE_NODE)
         check_latent(CALIBRATE_NODE, latent)
         lines = [line.strip() for line in prompts.splitlines() if line.strip()]
         if not lines:
             raise ValueError(f"{CALIBRATE_NODE}: 'prompts' is empty; give at least one prompt (one per line)")
+
+        def check(evaluations: int) -> None:
+            check_memory(CALIBRATE_NODE, memory_needs(model, latent, evaluations=evaluations), model.load_device)
+
+        check(steps)  # one model evaluation per step: the fewest of any sampler
+        log_work(CALIBRATE_NODE, f"{len(lines)} sampling runs of {steps} steps at batch "
+                                 f"{latent['samples'].shape[0]} with full CFG, then a least-squares fit per "
+                                 "evaluation pair")
         positives = [_encode(clip, line) for line in lines]
         calibration = calibrate(model, positives, _encode(clip, negative_prompt), latent, seed=seed, steps=steps,
                                 cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
-                                negative_prompt=negative_prompt, node_id=node_id_of(cls))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+                                negative_prompt=negative_prompt, node_id=node_id_of(cls), after_first_run=check)
         calibration.save(path)
         logger.info(f"LinearAG: saved {path} ({calibration.describe()})")
         return io.NodeOutput(calibration)
-
-
-def calibration_path(filename: str) -> str:
-    """Where LinearAG Calibrate saves ``filename``: a plain name in models/linear_ag/, checked before
-    any compute (no path, not hidden, not too long, not a directory, not a shipped calibration's name)."""
-    name = str(filename).strip().removesuffix(".safetensors")
-    if not name or os.path.basename(name) != name or name.startswith(".") or any(c in name for c in "/\\\0"):
-        raise ValueError(f"{CALIBRATE_NODE}: 'filename' must be a plain file name, got {filename!r}")
-    if len((name + ".safetensors").encode()) > NAME_LIMIT:
-        raise ValueError(f"{CALIBRATE_NODE}: 'filename' is too long ({len(name.encode())} bytes; at most "
-                         f"{NAME_LIMIT - len('.safetensors')})")
-    if (CALIBRATIONS_DIR / (name + ".safetensors")).exists():
-        raise ValueError(f"{CALIBRATE_NODE}: 'filename' {name!r} is the name of a calibration shipped with the "
-                         "pack; choose another name (it would hide the shipped one in LinearAG Load)")
-    path = os.path.join(folder_paths.get_folder_paths(FOLDER)[0], name + ".safetensors")
-    if os.path.lexists(path) and not os.path.islink(path) and not os.path.isfile(path):
-        raise ValueError(f"{CALIBRATE_NODE}: 'filename' {name!r}: {path} exists and is not a file")
-    return path
 
 
 def check_latent(where: str, latent) -> None:
@@ -364,9 +375,7 @@ class LinearAGLoad(io.ComfyNode):
 
     @classmethod
     def execute(cls, calibration) -> io.NodeOutput:
-        path = folder_paths.get_full_path(FOLDER, calibration) if calibration in calibration_files() else None
-        if path is None:
-            raise ValueError(f"{LOAD_NODE}: 'calibration' {calibration!r} is not a file in models/linear_ag/")
+        path = model_files.resolve(FOLDER, calibration, LOAD_NODE, "calibration")
         return io.NodeOutput(Calibration.load(path, f"{LOAD_NODE} 'calibration'"))
 
 

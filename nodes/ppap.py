@@ -13,7 +13,6 @@ sampling toward a class with them (samplers/ppap.py has the math).
   reader (``latent_rgb`` is cheap; ``vae`` backpropagates through a full decode every evaluation).
 """
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,14 +22,12 @@ import torch
 import comfy.sample
 import comfy.samplers
 import comfy.utils
-import folder_paths
 from comfy_api.latest import io
 
 from ..samplers import ppap
 from ..samplers.bundles import fingerprint, load_bundle, save_bundle
 from ..samplers.lora import trainable_fraction
-from ..samplers.training import DistributedContext
-from ..toyworld.weights import WEIGHTS_DIR
+from ..samplers.training import DistributedContext, offset_seed
 from .classifier import ClassifierType, pixel_reader
 from .contract import (
     Technique,
@@ -41,14 +38,26 @@ from .contract import (
     guider_and_patch,
     guider_inputs,
     install,
+    model_files,
     node_id_of,
     run_state,
 )
+from .contract.training_guard import (
+    Need,
+    check_interrupt,
+    check_memory,
+    interrupt_requested,
+    log_work,
+    raise_interrupt,
+    size,
+    tensor_bytes,
+)
 
 FOLDER = "ppap"
-folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
 POOL_FORMAT = "guidance_kit.ppap_pool/1"
-TOY_EXPERTS = "toy_ppap_experts.safetensors"
+TOY_EXPERTS = model_files.TOY_EXPERTS
+TRAIN_NODE = "PPAP Train Experts"
+TEACHER_CHUNK = 256
 
 
 def sampling_kind(model) -> str:
@@ -87,7 +96,7 @@ def schedule_sigmas(model, where: str) -> torch.Tensor:
 
 
 def _pool_chunk(model, conditioning, latent, *, seed, steps, cfg, sampler_name, scheduler):
-    """Clean samples (model space) of one batch: a stock CFGGuider run."""
+    """Clean samples (model space) of one batch: a stock CFGGuider run (ComfyUI's interrupt checked every step)."""
     positive, negative = conditioning
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(positive, negative)
@@ -95,7 +104,8 @@ def _pool_chunk(model, conditioning, latent, *, seed, steps, cfg, sampler_name, 
     latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
     samples = guider.sample(comfy.sample.prepare_noise(latent_image, seed), latent_image,
-                            comfy.samplers.sampler_object(sampler_name), sigmas, disable_pbar=True, seed=seed)
+                            comfy.samplers.sampler_object(sampler_name), sigmas, callback=check_interrupt,
+                            disable_pbar=True, seed=seed)
     return model.model.process_latent_in(samples).float().cpu()
 
 
@@ -103,7 +113,7 @@ def generate_pool(model, conditionings: list, latent: dict, images: int, *, seed
                   sampler_name: str, scheduler: str, identity: dict, context: DistributedContext, work_dir=None,
                   on_chunk=None) -> torch.Tensor:
     """``images`` clean samples of ``model`` in batches of the latent's size, batch i from conditioning
-    i mod len and noise seed ``seed + i``.  With ``work_dir`` each batch is a file (resumable; under
+    i mod len and noise seed ``seed + i`` (modulo 2**64).  With ``work_dir`` each batch is a file (resumable; under
     torchrun rank r makes batches r, r + W, ..., then every rank reads all)."""
     batch = latent["samples"].shape[0]
     chunks = math.ceil(images / batch)
@@ -111,7 +121,8 @@ def generate_pool(model, conditionings: list, latent: dict, images: int, *, seed
     for index in range(chunks):
         path = Path(work_dir) / f"pool{index:05d}.safetensors" if work_dir is not None else None
         if index % context.world_size == context.rank and (path is None or not path.exists()):
-            samples = _pool_chunk(model, conditionings[index % len(conditionings)], latent, seed=seed + index,
+            samples = _pool_chunk(model, conditionings[index % len(conditionings)], latent,
+                                  seed=offset_seed(seed, index),
                                   steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler)
             if path is not None:
                 save_bundle(path, {"samples": samples}, {"identity": identity, "index": index}, POOL_FORMAT)
@@ -129,36 +140,70 @@ def generate_pool(model, conditionings: list, latent: dict, images: int, *, seed
     return torch.cat(out)[:images]
 
 
+def memory_needs(model, classifier, latent: dict, network, read, schedule: torch.Tensor, *, images: int,
+                 settings: ppap.ExpertTraining) -> list[Need]:
+    """What ``train_bundle`` will hold at its peak (``training_guard``): the pool and teacher logits, one
+    optimiser step measured on a probe of ``network``, and the student with its training state."""
+    sample_shape = tuple(comfy.sample.fix_empty_latent_channels(model, latent["samples"]).shape[1:])
+    sample = tensor_bytes(sample_shape)
+    classes = sum(len(names) for names in classifier.heads.values())
+    step = ppap.expert_step_memory(network, classifier.prepare, read, forward_coefficients(model), schedule, settings,
+                                   sample_shape, {head: len(names) for head, names in classifier.heads.items()})
+    rows = settings.batch_size
+    return [
+        Need("images", f"the pool of {images} samples ({size(sample)} each) and teacher logits, twice while "
+                       "concatenated", 2 * images * (sample + tensor_bytes([classes]))),
+        Need("batch_size", f"one optimiser step of {rows} rows ({size(step.per_row)} per row measured on the "
+                           "student, plus the noised samples)", rows * (step.per_row + 3 * sample), on_device=True),
+        Need("lora_rank", "the student network with its gradients and AdamW state", step.fixed, on_device=True),
+    ]
+
+
 def train_bundle(model, classifier, conditionings: list, latent: dict, out_path, *, images: int,
                  settings: ppap.ExpertTraining, steps: int = 20, cfg: float = 1.0, sampler_name: str = "euler",
                  scheduler: str = "simple", work_dir=None, context: DistributedContext | None = None,
                  where: str = "PPAP training", on_progress=None) -> dict:
     """Generate the pool, label it with the classifier, train the experts, save the bundle (main rank).
-    ``on_progress(phase, done, total)`` with phase "samples" or "expert k". Returns the bundle's info."""
+
+    Before any compute the memory it needs is checked (``memory_needs``; a ValueError naming ``where`` and the
+    input) and the work logged; every phase stops on ComfyUI's interrupt (sampling steps, teacher chunks,
+    optimiser steps).  ``on_progress(phase, done, total)`` with phase "samples" or "expert k". Returns the
+    bundle's info."""
     context = context or DistributedContext()
+    network = ppap.student_network(classifier, settings.rank, settings.alpha, seed=settings.seed)
+    read = noisy_pixels(model, classifier, where)
+    schedule = schedule_sigmas(model, where)
+    check_memory(where, memory_needs(model, classifier, latent, network, read, schedule, images=images,
+                                     settings=settings), context.device)
+    batch = latent["samples"].shape[0]
+    log_work(where, f"{math.ceil(images / batch)} sampling runs of {steps} steps at batch {batch}, {images} samples "
+                    f"labelled, {settings.experts} experts x {settings.steps} optimiser steps of "
+                    f"{settings.batch_size} rows")
     identity = {"model": fingerprint(model.model.diffusion_model.state_dict(), type(model.model).__name__),
                 "sampling": sampling_kind(model), "classifier": classifier.fingerprint, "images": images,
                 "seed": settings.seed, "steps": steps, "cfg": cfg, "sampler": sampler_name, "scheduler": scheduler,
                 "prompts": len(conditionings)}
     started = time.perf_counter()
-    with torch.inference_mode(False), torch.enable_grad():
-        if work_dir is not None:
-            Path(work_dir).mkdir(parents=True, exist_ok=True)
-        pool = generate_pool(model, conditionings, latent, images, seed=settings.seed, steps=steps, cfg=cfg,
-                             sampler_name=sampler_name, scheduler=scheduler, identity=identity, context=context,
-                             work_dir=work_dir, on_chunk=(lambda done, total: on_progress("samples", done, total))
-                             if on_progress else None).clone()
-        sampled = time.perf_counter()
-        read = noisy_pixels(model, classifier, where)
-        with torch.no_grad():
-            teacher = {head: torch.cat([classifier.logits(read(part, torch.zeros(len(part))))[head].cpu()
-                                        for part in pool.split(256)]) for head in classifier.heads}
-        network = ppap.student_network(classifier, settings.rank, settings.alpha, seed=settings.seed)
-        schedule = schedule_sigmas(model, where)
-        experts, losses = ppap.train_experts(
-            network, classifier.prepare, pool, teacher, read, forward_coefficients(model), schedule, settings,
-            identity=identity, context=context, work_dir=work_dir,
-            on_step=(lambda k, step, total, loss: on_progress(f"expert {k}", step, total)) if on_progress else None)
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+    pool = generate_pool(model, conditionings, latent, images, seed=settings.seed, steps=steps, cfg=cfg,
+                         sampler_name=sampler_name, scheduler=scheduler, identity=identity, context=context,
+                         work_dir=work_dir, on_chunk=(lambda done, total: on_progress("samples", done, total))
+                         if on_progress else None)
+    sampled = time.perf_counter()
+    teacher = {head: [] for head in classifier.heads}
+    with torch.no_grad():
+        for part in pool.split(TEACHER_CHUNK):
+            check_interrupt()
+            for head, logits in classifier.logits(read(part, torch.zeros(len(part)))).items():
+                teacher[head].append(logits.cpu())
+    teacher = {head: torch.cat(parts) for head, parts in teacher.items()}
+    experts, losses = ppap.train_experts(
+        network, classifier.prepare, pool, teacher, read, forward_coefficients(model), schedule, settings,
+        identity=identity, context=context, work_dir=work_dir, should_stop=interrupt_requested,
+        on_step=(lambda k, step, total, loss: on_progress(f"expert {k}", step, total)) if on_progress else None)
+    if len(experts) < settings.experts:
+        raise_interrupt()
     info = {"model": identity, "trainable_fraction": trainable_fraction(network), "final_losses": losses,
             "sample_seconds": sampled - started, "train_seconds": time.perf_counter() - sampled}
     if context.is_main:
@@ -174,14 +219,8 @@ NAIVE_CHOICE = "none (off-the-shelf classifier on noisy inputs)"
 
 
 def expert_files() -> list[str]:
-    """The naive choice, the shipped toy-world experts, then ``models/ppap/``."""
-    return [NAIVE_CHOICE, TOY_EXPERTS, *(n for n in folder_paths.get_filename_list(FOLDER) if n != TOY_EXPERTS)]
-
-
-def experts_path(name: str) -> str | None:
-    """The shipped toy experts from ``toyworld/weights/``, any other file from ``models/ppap/`` (None: absent)."""
-    shipped = WEIGHTS_DIR / TOY_EXPERTS
-    return str(shipped) if name == TOY_EXPERTS and shipped.is_file() else folder_paths.get_full_path(FOLDER, name)
+    """The naive choice, the shipped toy-world experts, then ``models/ppap/`` (``model_files.choices``)."""
+    return [NAIVE_CHOICE, *model_files.choices(FOLDER)]
 
 
 def load_for(model, classifier, experts: str, where: str) -> ppap.ExpertClassifier:
@@ -189,9 +228,7 @@ def load_for(model, classifier, experts: str, where: str) -> ppap.ExpertClassifi
     ``where`` for a bundle of another classifier, input size or noise parametrisation."""
     if experts == NAIVE_CHOICE:
         return ppap.naive_classifier(classifier)
-    path = experts_path(experts)
-    if path is None:
-        raise ValueError(f"{where} 'experts': {experts!r} is not in models/{FOLDER}/")
+    path = model_files.resolve(FOLDER, experts, where, "experts")
     loaded, meta = ppap.load_experts(path, classifier, f"{where} 'experts'")
     trained_for = meta.get("model", {}).get("sampling")
     if trained_for != sampling_kind(model):
@@ -318,7 +355,7 @@ class PPAPTrainExperts(io.ComfyNode):
         defaults = ppap.ExpertTraining()
         return io.Schema(
             node_id="GuidanceKitPPAPTrainExperts",
-            display_name="PPAP Train Experts (Guidance Kit)",
+            display_name=f"{TRAIN_NODE} (Guidance Kit)",
             category=CATEGORY,
             description="Data-free training of PPAP experts: samples the MODEL (positive/negative at cfg; an empty "
                         "prompt at cfg 1 is unconditional generation), labels them with the classifier, and distils "
@@ -353,24 +390,20 @@ class PPAPTrainExperts(io.ComfyNode):
     def execute(cls, model, positive, negative, cfg, classifier, latent, images, sampler_name, scheduler,
                 sample_steps, experts, steps_per_expert, batch_size, learning_rate, lora_rank, seed,
                 filename) -> io.NodeOutput:
-        where = "PPAP Train Experts"
-        check_numeric_inputs(cls, where, {"cfg": cfg, "images": images, "sample_steps": sample_steps,
-                                          "experts": experts, "steps_per_expert": steps_per_expert,
-                                          "batch_size": batch_size, "learning_rate": learning_rate,
-                                          "lora_rank": lora_rank, "seed": seed})
-        name = filename.strip().removesuffix(".safetensors")
-        if not name or os.path.basename(name) != name:
-            raise ValueError(f"{where} 'filename': give a plain file name, got {filename!r}")
-        check_number(where, "cfg", cfg, 0.0, 100.0)
-        check_number(where, "learning_rate", learning_rate, 0.0, 1.0, low_open=True)
+        check_numeric_inputs(cls, TRAIN_NODE, {"cfg": cfg, "images": images, "sample_steps": sample_steps,
+                                               "experts": experts, "steps_per_expert": steps_per_expert,
+                                               "batch_size": batch_size, "learning_rate": learning_rate,
+                                               "lora_rank": lora_rank, "seed": seed})
+        out = model_files.output_path(FOLDER, filename, TRAIN_NODE)
+        check_number(TRAIN_NODE, "cfg", cfg, 0.0, 100.0)
+        check_number(TRAIN_NODE, "learning_rate", learning_rate, 0.0, 1.0, low_open=True)
         settings = ppap.ExpertTraining(experts=experts, steps=steps_per_expert, batch_size=batch_size,
                                        lr=learning_rate, rank=lora_rank, alpha=float(lora_rank), seed=seed)
         chunks = math.ceil(images / latent["samples"].shape[0])
         progress = comfy.utils.ProgressBar(chunks + experts * steps_per_expert, node_id=node_id_of(cls))
         offsets = {"samples": 0, **{f"expert {k}": chunks + k * steps_per_expert for k in range(experts)}}
-        out = Path(folder_paths.get_folder_paths(FOLDER)[0]) / f"{name}.safetensors"
         train_bundle(model, classifier, [(positive, negative)], latent, out, images=images, settings=settings,
-                     steps=sample_steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, where=where,
+                     steps=sample_steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, where=TRAIN_NODE,
                      on_progress=lambda phase, done, total: progress.update_absolute(offsets[phase] + done))
         return io.NodeOutput(out.name)
 

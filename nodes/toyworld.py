@@ -14,8 +14,6 @@ flow-matching DiT:
 
 Weights come from ``toyworld/weights/`` next to the pack, or from ComfyUI's ``models/toyworld/``.
 """
-import os
-
 import torch
 from safetensors import SafetensorError
 
@@ -27,16 +25,14 @@ import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.sd
 import comfy.supported_models_base
-import folder_paths
 from comfy_api.latest import io
 
 from ..toyworld import scenes, weights
 from ..toyworld.model import ToyDiT, ToyTextEncoder
-from .contract import check_number
+from .contract import check_number, model_files
 
 CATEGORY = "Guidance Kit/toy world"
 FOLDER = "toyworld"
-folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
 
 
 class ToyWorldLatentFormat(comfy.latent_formats.LatentFormat):
@@ -79,13 +75,7 @@ class ToyWorldModel(comfy.model_base.BaseModel):
 
 
 def weight_files() -> list[str]:
-    bundled = sorted(p.name for p in weights.WEIGHTS_DIR.glob("toy_dit*.safetensors"))
-    return bundled + [name for name in folder_paths.get_filename_list(FOLDER) if name not in bundled]
-
-
-def weight_path(name: str) -> str:
-    bundled = weights.WEIGHTS_DIR / name
-    return str(bundled) if bundled.is_file() else folder_paths.get_full_path_or_raise(FOLDER, name)
+    return model_files.choices(FOLDER)
 
 
 def load_model(path) -> comfy.model_patcher.ModelPatcher:
@@ -169,17 +159,14 @@ class ToyWorldLoader(io.ComfyNode):
     @classmethod
     def execute(cls, diffusion_model) -> io.NodeOutput:
         where = "Load Toy World Model: 'diffusion_model'"
-        if diffusion_model not in weight_files():
-            raise ValueError(f"{where} {diffusion_model!r} is not a toy-world weight file (toyworld/weights/ or "
-                             "models/toyworld/)")
-        path = weight_path(diffusion_model)
+        path = model_files.resolve(FOLDER, diffusion_model, "Load Toy World Model", "diffusion_model")
         try:
             model = load_model(path)
         except (OSError, ValueError, RuntimeError, SafetensorError, TypeError) as error:
             raise ValueError(f"{where}: {path} is not a toy-world DiT file ({error})") from None
         if not all(bool(torch.isfinite(p).all()) for p in model.model.diffusion_model.parameters()):
             raise ValueError(f"{where}: {path} holds NaN or inf weights")
-        return io.NodeOutput(model, load_clip(weight_path(weights.MAIN_WEIGHTS.name)), pixel_space_vae())
+        return io.NodeOutput(model, load_clip(weights.MAIN_WEIGHTS), pixel_space_vae())
 
 
 class ToyWorldEmptyLatent(io.ComfyNode):

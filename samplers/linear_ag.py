@@ -74,11 +74,14 @@ class LeastSquaresFit:
         self.gram = torch.zeros(evaluations, evaluations, channels, k, k, dtype=torch.float64)
         self.moment = torch.zeros(evaluations, evaluations, channels, k, dtype=torch.float64)
 
-    def add_trajectory(self, xs: list, conds: list, unconds: list) -> None:
-        """One full-CFG trajectory (a batch): per evaluation the latent x and the predictions D_c, D_u."""
+    def add_trajectory(self, xs: list, conds: list, unconds: list, on_target=None) -> None:
+        """One full-CFG trajectory (a batch): per evaluation the latent x and the predictions D_c, D_u.
+        ``on_target()`` is called before each target evaluation's regressions (e.g. to stop on an interrupt)."""
         if len(xs) != self.evaluations:
             raise ValueError(f"LinearAG calibration: trajectory has {len(xs)} evaluations, expected {self.evaluations}")
         for target in range(1, self.evaluations):
+            if on_target is not None:
+                on_target()
             response = unconds[target].double().transpose(0, 1).reshape(self.channels, -1, 1)
             for anchor in range(target):
                 design = _design(trajectory_terms(self.terms, xs, conds, unconds, anchor, target))

@@ -24,7 +24,7 @@ reader), the same map in training and in guidance.
 """
 import copy
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -33,7 +33,7 @@ from torch import nn
 
 from .bundles import BundleError, check_shapes, load_bundle, save_bundle
 from .lora import add_lora, with_parameters
-from .training import TrainSettings, step_generator, train
+from .training import StepMemory, TrainSettings, grad_mode, step_generator, step_memory, train
 
 TEACHER_TEMPERATURE = 0.25
 DEFAULT_EXPERTS = 5
@@ -204,9 +204,49 @@ def expert_prefix(index: int) -> str:
     return f"expert{index}/"
 
 
+def expert_loss(network: nn.Module, prepare, pool: torch.Tensor, teacher: dict[str, torch.Tensor], read_pixels,
+                coefficients, schedule_sigmas: torch.Tensor, settings: ExpertTraining, index: int):
+    """``loss_fn(step, rows)`` of expert ``index`` for ``training.train`` (arguments as in ``train_experts``):
+    step s draws its global batch (pool rows, timesteps in the expert's range, noise) from
+    ``training.step_generator(seed, s, index)``; the distillation loss over rows ``rows`` of it."""
+    timestep_range = timestep_ranges(len(schedule_sigmas), settings.experts)[index]
+
+    def loss_fn(step, rows):
+        generator = step_generator(settings.seed, step, index)
+        picks = torch.randint(len(pool), (settings.batch_size,), generator=generator)[rows]
+        sigmas = sample_training_sigmas(schedule_sigmas, timestep_range, settings.batch_size, generator)[rows]
+        noise = torch.randn((settings.batch_size, *pool.shape[1:]), generator=generator)[rows]
+        device = next(network.parameters()).device
+        x0, sigmas, noise = pool[picks].to(device), sigmas.to(device), noise.to(device)
+        alpha, noise_std = coefficients(sigmas)
+        student = network(prepare(read_pixels(forward_process(alpha, noise_std, x0, noise), sigmas)))
+        return distillation_loss(student, {head: logits[picks].to(device) for head, logits in teacher.items()},
+                                 settings.temperature)
+    return loss_fn
+
+
+def expert_step_memory(network: nn.Module, prepare, read_pixels, coefficients, schedule_sigmas: torch.Tensor,
+                       settings: ExpertTraining, sample_shape: tuple, heads: dict[str, int]) -> StepMemory:
+    """``training.step_memory`` of one expert's optimiser step, probed on a synthetic pool of one sample of
+    ``sample_shape`` (model space) with zero teacher logits (``heads``: classes per head); the fixed bytes include
+    the student network's own weights (a copy of the classifier's)."""
+    pool = torch.zeros(1, *sample_shape)
+    teacher = {head: torch.zeros(1, classes) for head, classes in heads.items()}
+
+    def forward(rows):
+        probe = replace(settings, batch_size=rows)
+        return expert_loss(network, prepare, pool, teacher, read_pixels, coefficients, schedule_sigmas, probe,
+                           settings.experts - 1)(0, slice(None))
+
+    measured = step_memory({"student": network}, forward)
+    base = sum(parameter.numel() * parameter.element_size() for parameter in network.parameters())
+    return StepMemory(measured.per_row, measured.fixed + base)
+
+
 def train_experts(network: nn.Module, prepare, pool: torch.Tensor, teacher: dict[str, torch.Tensor], read_pixels,
                   coefficients, schedule_sigmas: torch.Tensor, settings: ExpertTraining, *, identity: dict,
-                  context=None, work_dir=None, on_step=None) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
+                  context=None, work_dir=None, on_step=None,
+                  should_stop=None) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
     """PPAP Sec. 4.3: train ``settings.experts`` experts one after another on their timestep ranges.
 
     ``network``: the classifier wrapped by ``lora.add_lora`` (trainable = adapters, norms, biases), trained
@@ -214,9 +254,11 @@ def train_experts(network: nn.Module, prepare, pool: torch.Tensor, teacher: dict
     (model space) [P, ...]; ``teacher``: the off-the-shelf classifier's logits on them {head: [P, K]};
     ``read_pixels(x, σ)``: model-space noisy x -> images in [-1, 1]; ``coefficients(σ) -> (α, σ_t)`` of the
     model's forward process; ``schedule_sigmas``: the model's ascending sigma per timestep.  Step s of expert
-    k draws its global batch (pool rows, timesteps, noise) from ``training.step_generator(seed, s, k)``,
-    so one process and N processes (``context``) see the same batches; expert k resumes from
-    ``<work_dir>/expert<k>of<N>.ckpt.safetensors``.  ``on_step(expert, step, steps, loss)``.
+    k draws its global batch from ``training.step_generator(seed, s, k)`` (``expert_loss``), so one process
+    and N processes (``context``) see the same batches; expert k resumes from
+    ``<work_dir>/expert<k>of<N>.ckpt.safetensors``.  ``on_step(expert, step, steps, loss)``; ``should_stop(step)``
+    as in ``training.train``: a stopped expert checkpoints (with ``work_dir``) and only the experts finished
+    before it are returned.
     Returns (per-expert trainable tensors, per-expert final loss)."""
     train_settings = TrainSettings(steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr,
                                    weight_decay=settings.weight_decay, seed=settings.seed)
@@ -224,24 +266,16 @@ def train_experts(network: nn.Module, prepare, pool: torch.Tensor, teacher: dict
     names = [name for name, parameter in network.named_parameters() if parameter.requires_grad]
     experts, losses = [], []
     for index, timestep_range in enumerate(ranges):
-        def loss_fn(step, rows, index=index, timestep_range=timestep_range):
-            generator = step_generator(settings.seed, step, index)
-            picks = torch.randint(len(pool), (settings.batch_size,), generator=generator)[rows]
-            sigmas = sample_training_sigmas(schedule_sigmas, timestep_range, settings.batch_size, generator)[rows]
-            noise = torch.randn((settings.batch_size, *pool.shape[1:]), generator=generator)[rows]
-            device = next(network.parameters()).device
-            x0, sigmas, noise = pool[picks].to(device), sigmas.to(device), noise.to(device)
-            alpha, noise_std = coefficients(sigmas)
-            student = network(prepare(read_pixels(forward_process(alpha, noise_std, x0, noise), sigmas)))
-            return distillation_loss(student, {head: logits[picks].to(device) for head, logits in teacher.items()},
-                                     settings.temperature)
-
+        loss_fn = expert_loss(network, prepare, pool, teacher, read_pixels, coefficients, schedule_sigmas, settings,
+                              index)
         checkpoint = Path(work_dir) / f"expert{index}of{settings.experts}.ckpt.safetensors" if work_dir else None
         result = train({"student": network}, loss_fn, train_settings, context, checkpoint=checkpoint,
                        identity={**identity, "expert": index, "timesteps": list(timestep_range),
                                  "training": asdict(settings)},
                        on_step=(lambda step, total, loss, index=index: on_step(index, step, total, loss))
-                       if on_step else None)
+                       if on_step else None, should_stop=should_stop)
+        if not result.completed:
+            break
         experts.append({name: network.get_parameter(name).detach().clone() for name in names})
         losses.append(result.final_loss)
     return experts, losses
@@ -254,7 +288,7 @@ DEFAULT_EXCLUDE = ("heads",)
 def student_network(classifier, rank: int, alpha: float, exclude=DEFAULT_EXCLUDE, seed: int = 0) -> nn.Module:
     """A copy of ``classifier.network`` with LoRA on its Conv2d/Linear layers (except ``exclude``: the output
     heads, as the paper leaves the ResNet's fc alone), adapters, norms and adapted biases trainable."""
-    with torch.inference_mode(False):
+    with grad_mode():
         network = copy.deepcopy(classifier.network)
         add_lora(network, rank, alpha, tuple(exclude), seed)
     return network

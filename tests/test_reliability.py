@@ -642,7 +642,8 @@ def test_classifier_loaders_refuse_bad_files_and_inputs_naming_them(tmp_path, mo
     from guidance_kit.nodes.classifier import ClipZeroShotClassifier, LoadClassifier
 
     (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 64)
-    monkeypatch.setattr(folder_paths, "get_full_path_or_raise", lambda folder, name: str(tmp_path / name))
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "classifiers", ([str(tmp_path)], {".safetensors"}))
+    folder_paths.filename_list_cache.pop("classifiers", None)
     with pytest.raises(ValueError, match=r"Load Classifier 'classifier' \(broken.safetensors\).*broken.safetensors"):
         run_node(LoadClassifier, "broken.safetensors", "auto")
     with pytest.raises(ValueError, match="Load Classifier: pixel_source 'vae' needs the 'vae' input"):

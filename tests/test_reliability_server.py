@@ -81,6 +81,13 @@ def error_message(entry) -> str:
     return json.dumps(entry["status"].get("messages", []))
 
 
+def wait_until_running(comfy_server, timeout: float = 60.0) -> None:
+    """Until the server reports a prompt running (``/queue``'s ``queue_running`` not empty)."""
+    deadline = time.monotonic() + timeout
+    while not comfy_server.get("/queue")["queue_running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def test_nan_and_out_of_range_numbers_sent_by_a_client(comfy_server, prompts):
     """Found: cfg NaN (valid JSON for Python's parser, and not caught by ComfyUI's min/max validation)
     gave a black image reported as success.  Out of range is ComfyUI's validation error on the input."""
@@ -116,9 +123,7 @@ def test_interrupt_mid_run_leaves_nothing_and_the_next_run_equals_a_fresh_one(co
         long[calibrate]["inputs"] |= {"steps": 200, "filename": "interrupted_calibration",
                                       "prompts": "\n".join(["a red circle", "a blue square"] * 20)}
     prompt_id = comfy_server.queue(long)
-    deadline = time.monotonic() + 60
-    while not comfy_server.get("/queue")["queue_running"] and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until_running(comfy_server)
     time.sleep(2.0)  # well into the run (the model is already loaded)
     started = time.monotonic()
     interrupt(comfy_server)

@@ -151,3 +151,9 @@ def test_settings_and_launch_environment_are_checked(monkeypatch):
         training.DistributedContext.from_environment("cpu")
     monkeypatch.delenv("WORLD_SIZE")
     assert training.DistributedContext.from_environment("cpu") == training.DistributedContext()
+
+
+def test_offset_seeds_wrap_into_torchs_seed_range():
+    """seed + i for prompt i: the largest seed a widget allows (2**64 - 1) plus 1 is 0, not an overflow."""
+    assert training.offset_seed(2 ** 64 - 1, 1) == 0 and training.offset_seed(5, 2) == 7
+    torch.manual_seed(training.offset_seed(2 ** 64 - 1, 0))  # accepted: the top of torch's range

@@ -7,9 +7,12 @@ Technique modules import from here (and shared types such as ``nodes.classifier`
 * ``twins``: ``TwinSpec`` / ``guider_and_patch``, a technique's GUIDER node and MODEL-patch twin;
 * ``guiders``: the standard guider inputs and ComfyUI's CFGGuider over a patched clone;
 * ``checks``: input checks that name the node and the input;
-* ``host``: host recipes (model identity, ...);
+* ``host``: host recipes (model identity, the sampler's cfg);
+* ``model_files``: the pack's model folders, shipped artifacts (never shadowed) and the one file-name policy;
+* ``training_guard``: memory estimates checked before training, interrupts, progress;
 * ``stats``: the run statistics every installation reports through.
 """
+from . import model_files
 from .checks import check_number, check_numeric_inputs, check_sampling_inputs
 from .evaluator import CondEvaluator, broadcast_to_batch, rows_of_cond
 from .guiders import cfg_guider, guider_inputs, model_input
@@ -20,5 +23,5 @@ from .twins import TwinSpec, guider_and_patch
 
 __all__ = ["CondEvaluator", "Technique", "TwinSpec", "broadcast_to_batch", "cfg_guider", "check_number",
            "check_numeric_inputs", "check_sampling_inputs", "current_run", "guider_and_patch", "guider_inputs",
-           "install", "model_identity", "model_input", "node_id_of", "rows_of_cond", "run_state", "sampler_cfg",
-           "stats_sink"]
+           "install", "model_files", "model_identity", "model_input", "node_id_of", "rows_of_cond", "run_state",
+           "sampler_cfg", "stats_sink"]

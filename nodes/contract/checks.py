@@ -10,13 +10,18 @@ from .host import sampler_cfg
 def check_number(where: str, name: str, value: float, low: float = -math.inf, high: float = math.inf, *,
                  low_open: bool = False) -> float:
     """``value`` as a float, or a ValueError naming the node and input when it is NaN/inf or outside
-    [low, high] ((low, high] with ``low_open``)."""
-    value = float(value)
-    inside = math.isfinite(value) and (low < value if low_open else low <= value) and value <= high
+    [low, high] ((low, high] with ``low_open``).  Whole numbers are compared exactly (a seed of 2**64 - 1 is
+    inside [0, 2**64 - 1]; as floats both would round to 2**64)."""
+    exact = value if isinstance(value, int) and not isinstance(value, bool) else float(value)
+    inside = math.isfinite(exact) and (low < exact if low_open else low <= exact) and exact <= high
     if not inside:
-        bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise ValueError(f"{where}: '{name}' must be a finite number in {bounds}, got {value}")
-    return value
+        bounds = f"{'(' if low_open else '['}{_bound(low)}, {_bound(high)}]"
+        raise ValueError(f"{where}: '{name}' must be a finite number in {bounds}, got {exact}")
+    return float(exact)
+
+
+def _bound(limit: float) -> str:
+    return str(limit) if isinstance(limit, int) else f"{limit:g}"
 
 
 def check_numeric_inputs(node_cls, where: str, values: dict) -> None:
