@@ -54,7 +54,6 @@ AG_TARGET = {"saving": 0.55, "tolerance": 0.03}
 DEFAULT_THRESHOLD = 0.7
 QUICK_CACHE_THRESHOLDS = (0.25, 0.5)  # the one at the blocks closest to DeeDiff's is the matched peer
 DEFAULT_AG_EXIT_THRESHOLD = 0.8
-HEADS = Path(__file__).resolve().parent.parent / "toyworld" / "deediff" / "toy_dit_heads.safetensors"
 
 
 class DepthByStep:
@@ -264,8 +263,9 @@ def main() -> None:
     every = args.every or (2 if args.quick else 1)
     world = runner.load_world()
     from guidance_kit.nodes.deediff import LOAD_NODE, load_heads
+    from guidance_kit.toyworld.weights import DEEDIFF_HEADS
 
-    heads = load_heads(HEADS, LOAD_NODE)
+    heads = load_heads(DEEDIFF_HEADS, LOAD_NODE)
     if args.probe or args.timing:
         runner.emit(probe(world, heads, runner.prompt_set("dev", False)[::13]) if args.probe else interleaved_timing(
             world, heads, runner.prompt_set("validation", False)[0][0], DEFAULT_THRESHOLD, QUICK_CACHE_THRESHOLDS[0]))

@@ -36,7 +36,7 @@ from ..samplers.composable import (
     plan_step,
 )
 from ..samplers.prompt_syntax import PromptSyntaxError, parse_composable_prompt
-from .contract import Technique, TwinSpec, check_number, guider_and_patch, guider_inputs, install
+from .contract import Technique, TwinSpec, check_number, encode_prompt, guider_and_patch, guider_inputs, install
 
 CATEGORY = "Guidance Kit/composable"
 TECHNIQUE = "Composable"
@@ -264,7 +264,7 @@ class ComposablePrompt(io.ComfyNode):
         check_weights([concept.weight for concept in concepts], f"{where} 'text'")
         composition = []
         for concept in concepts:
-            encoded = clip.encode_from_tokens_scheduled(clip.tokenize(concept.text))
+            encoded = encode_prompt(clip, concept.text)
             composition += mark_concept(encoded, concept.weight)
         return io.NodeOutput(composition)
 

@@ -37,19 +37,21 @@ from comfy.patcher_extension import WrappersMP
 from comfy_api.latest import io
 
 from ..samplers import deediff, training
-from ..samplers.bundles import fingerprint, load_bundle
+from ..samplers.bundles import load_bundle
 from ..toyworld.model import ToyDiT
 from .contract import (
     Technique,
-    cfg_guider,
     check_number,
     check_numeric_inputs,
     current_run,
+    encode_prompt,
     install,
     model_files,
+    model_identity,
     model_input,
     node_id_of,
     run_state,
+    stock_cfg_run,
 )
 from .contract.training_guard import (
     Need,
@@ -119,10 +121,6 @@ def architecture(model, where: str) -> Architecture:
                      "exit from)")
 
 
-def model_fingerprint(model, arch: Architecture) -> str:
-    return fingerprint(model.model.diffusion_model.state_dict(), arch.name)
-
-
 @dataclass
 class TrainedHeads:
     """Uncertainty heads and the identity of the model they were trained for."""
@@ -135,8 +133,8 @@ class TrainedHeads:
         """ValueError naming ``where`` when these heads were made for another model or block count."""
         problems = [f"{key} {self.identity.get(key)!r} (heads) vs {value!r} (model)"
                     for key, value in arch.shape().items() if self.identity.get(key) != value]
-        if not problems and self.identity.get("fingerprint") != model_fingerprint(model, arch):
-            problems.append(f"weights {self.identity.get('fingerprint')} (heads) vs {model_fingerprint(model, arch)} "
+        if not problems and self.identity.get("fingerprint") != model_identity(model):
+            problems.append(f"weights {self.identity.get('fingerprint')} (heads) vs {model_identity(model)} "
                             "(model)")
         if problems:
             raise ValueError(f"{where}: 'heads' were trained for another model ({'; '.join(problems)}); train heads "
@@ -281,20 +279,9 @@ def record_model_inputs(model, positives: list, negative, latent: dict, *, seed:
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
     recorder.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "guidance_kit.deediff.record", record)
-    sampling = recorder.get_model_object("model_sampling")
-    sigmas = comfy.samplers.calculate_sigmas(sampling, scheduler, round(steps / denoise)).cpu()[-(steps + 1):]
-    latent_image = comfy.sample.fix_empty_latent_channels(recorder, latent["samples"])
-
-    def callback(step, denoised, x, total):
-        check_interrupt()
-        if on_step is not None:
-            on_step()
-
     for index, positive in enumerate(positives):
-        guider = cfg_guider(recorder, positive, negative, cfg)
-        noise = comfy.sample.prepare_noise(latent_image, training.offset_seed(seed, index))
-        guider.sample(noise, latent_image, comfy.samplers.sampler_object(sampler_name), sigmas, callback=callback,
-                      disable_pbar=True, seed=training.offset_seed(seed, index))
+        stock_cfg_run(recorder, positive, negative, latent, seed=training.offset_seed(seed, index), steps=steps,
+                      cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, denoise=denoise, on_step=on_step)
         if index == 0 and after_first_run is not None:
             after_first_run(sum(call[0].shape[0] for call in calls))
     return _stack_calls(calls)
@@ -447,7 +434,7 @@ def train_heads(model, features: ExitFeatures, settings: training.TrainSettings,
     with training.grad_mode():
         heads = deediff.UncertaintyHeads(arch.blocks, arch.width, arch.vec_dim, arch.out_dim, hidden).to(
             context.device)
-    identity = {**arch.shape(), "hidden": hidden, "fingerprint": model_fingerprint(model, arch), "data": data or {}}
+    identity = {**arch.shape(), "hidden": hidden, "fingerprint": model_identity(model), "data": data or {}}
     result = training.train({"heads": heads}, heads_loss(heads, features, settings), settings, context,
                             identity=identity, checkpoint=checkpoint, checkpoint_every=max(1, settings.steps // 10),
                             on_step=on_step, should_stop=interrupt_requested)
@@ -461,10 +448,6 @@ def train_heads(model, features: ExitFeatures, settings: training.TrainSettings,
 def prompts_fingerprint(prompts: list[str], negative: str) -> str:
     """Identity of a prompt list and negative prompt (a checkpoint resumes only for the same ones)."""
     return hashlib.sha256("\n".join([negative, *prompts]).encode()).hexdigest()[:16]
-
-
-def encode(clip, text):
-    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 
 class DeeDiffTrain(io.ComfyNode):
@@ -527,7 +510,7 @@ class DeeDiffTrain(io.ComfyNode):
         check_number(TRAIN_NODE, "learning_rate", learning_rate, 0.0, 1.0, low_open=True)
         check_number(TRAIN_NODE, "denoise", denoise, 0.0, 1.0, low_open=True)
         settings = training.TrainSettings(steps=train_steps, batch_size=batch_size, lr=learning_rate, seed=seed)
-        negative = encode(clip, negative_prompt)
+        negative = encode_prompt(clip, negative_prompt)
         images = int(latent["samples"].shape[0])
 
         def check(rows_per_run: int) -> None:
@@ -545,9 +528,10 @@ class DeeDiffTrain(io.ComfyNode):
                 "images": len(lines) * images, "rows": training_rows, "sampler": sampler_name,
                 "scheduler": scheduler, "sample_steps": sample_steps, "cfg": cfg, "denoise": denoise,
                 "negative_prompt": negative_prompt}
-        recording = record_model_inputs(model, [encode(clip, line) for line in lines], negative, latent, seed=seed,
-                                        steps=sample_steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
-                                        denoise=denoise, on_step=lambda: progress.update(1), after_first_run=check)
+        positives = [encode_prompt(clip, line) for line in lines]
+        recording = record_model_inputs(model, positives, negative, latent, seed=seed, steps=sample_steps, cfg=cfg,
+                                        sampler_name=sampler_name, scheduler=scheduler, denoise=denoise,
+                                        on_step=lambda: progress.update(1), after_first_run=check)
         features = exit_features(model, arch, recording, training_rows, on_chunk=progress.update)
         del recording  # the recorded inputs are not needed for training
         checkpoint = path.parent / CHECKPOINT_SUBFOLDER / path.name

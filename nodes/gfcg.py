@@ -45,7 +45,16 @@ from comfy_api.latest import io
 from ..samplers import gfcg
 from ..samplers.autoguidance import autoguide
 from .classifier import ClassifierType, pixel_reader
-from .contract import Technique, TwinSpec, broadcast_to_batch, check_number, guider_and_patch, install, sampler_cfg
+from .contract import (
+    Technique,
+    TwinSpec,
+    broadcast_to_batch,
+    check_number,
+    encode_prompt,
+    guider_and_patch,
+    install,
+    sampler_cfg,
+)
 
 CATEGORY = "Guidance Kit/guidance"
 logger = logging.getLogger(__name__)
@@ -111,7 +120,7 @@ def reference_prompts(clip, classifier, prompt: str, targets_text: str, where: s
         if not phrase_in(prompt, phrase):
             raise ValueError(f"{where} 'prompt': the target phrase {phrase!r} of {head} does not occur in the prompt")
         texts = [replace_phrase(prompt, phrase, classifier.phrase(head, k)) for k in range(len(classifier.heads[head]))]
-        prompts.variants[head] = [clip.encode_from_tokens_scheduled(clip.tokenize(text)) for text in texts]
+        prompts.variants[head] = [encode_prompt(clip, text) for text in texts]
     return prompts
 
 

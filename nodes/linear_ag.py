@@ -32,9 +32,9 @@ from ..samplers.training import offset_seed
 from .contract import (
     Technique,
     TwinSpec,
-    cfg_guider,
     check_number,
     check_numeric_inputs,
+    encode_prompt,
     guider_and_patch,
     guider_inputs,
     install,
@@ -43,6 +43,7 @@ from .contract import (
     model_input,
     node_id_of,
     sampler_cfg,
+    stock_cfg_run,
 )
 from .contract.training_guard import Need, check_interrupt, check_memory, log_work, size, tensor_bytes
 
@@ -78,13 +79,10 @@ def fingerprints_match(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def full_cfg_trajectories(model, positives: list, negative, latent: dict, *, seed: int, steps: int, cfg: float,
                           sampler_name: str, scheduler: str, on_step=None):
-    """For each positive CONDITIONING, a full-CFG run (stock CFGGuider) of the latent's batch, noise
-    from ``seed + index`` (modulo 2**64), ComfyUI's interrupt checked every step; yields (xs, conds, unconds,
-    evaluation_sigmas, samples) per prompt."""
+    """For each positive CONDITIONING, a full-CFG run (``stock_cfg_run``) of the latent's batch, noise from
+    ``seed + index`` (modulo 2**64); yields (xs, conds, unconds, evaluation_sigmas, samples) per prompt."""
     if not cfg > 1.0:
         raise ValueError(f"LinearAG calibration: cfg must be > 1 (the unconditional is what is fitted), got {cfg}")
-    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
-    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     for index, positive in enumerate(positives):
         record = {"x": [], "cond": [], "uncond": [], "sigma": []}
         recorder = model.clone()
@@ -100,18 +98,9 @@ def full_cfg_trajectories(model, positives: list, negative, latent: dict, *, see
             return out
 
         recorder.set_model_sampler_calc_cond_batch_function(calc_cond_batch)
-        guider = cfg_guider(recorder, positive, negative, cfg)
-        noise = comfy.sample.prepare_noise(latent_image, offset_seed(seed, index))
-        samples = guider.sample(noise, latent_image, comfy.samplers.sampler_object(sampler_name), sigmas,
-                                callback=lambda *step: _step_done(on_step), disable_pbar=True,
-                                seed=offset_seed(seed, index))
+        samples = stock_cfg_run(recorder, positive, negative, latent, seed=offset_seed(seed, index), steps=steps,
+                                cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, on_step=on_step)
         yield record["x"], record["cond"], record["uncond"], torch.tensor(record["sigma"]), samples
-
-
-def _step_done(on_step) -> None:
-    check_interrupt()
-    if on_step is not None:
-        on_step()
 
 
 def memory_needs(model, latent: dict, *, evaluations: int, terms=lag.TERMS) -> list[Need]:
@@ -338,8 +327,8 @@ class LinearAGCalibrate(io.ComfyNode):
         log_work(CALIBRATE_NODE, f"{len(lines)} sampling runs of {steps} steps at batch "
                                  f"{latent['samples'].shape[0]} with full CFG, then a least-squares fit per "
                                  "evaluation pair")
-        positives = [_encode(clip, line) for line in lines]
-        calibration = calibrate(model, positives, _encode(clip, negative_prompt), latent, seed=seed, steps=steps,
+        positives = [encode_prompt(clip, line) for line in lines]
+        calibration = calibrate(model, positives, encode_prompt(clip, negative_prompt), latent, seed=seed, steps=steps,
                                 cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
                                 negative_prompt=negative_prompt, node_id=node_id_of(cls), after_first_run=check)
         calibration.save(path)
@@ -354,11 +343,6 @@ def check_latent(where: str, latent) -> None:
         raise ValueError(f"{where}: 'latent' must be a LATENT with a batch of images")
     if not bool(torch.isfinite(samples).all()):
         raise ValueError(f"{where}: 'latent' holds NaN or inf values")
-
-
-def _encode(clip, text):
-    tokens = clip.tokenize(text)
-    return clip.encode_from_tokens_scheduled(tokens)
 
 
 class LinearAGLoad(io.ComfyNode):

@@ -25,7 +25,7 @@ import comfy.utils
 from comfy_api.latest import io
 
 from ..samplers import ppap
-from ..samplers.bundles import fingerprint, load_bundle, save_bundle
+from ..samplers.bundles import load_bundle, save_bundle
 from ..samplers.lora import trainable_fraction
 from ..samplers.training import DistributedContext, offset_seed
 from .classifier import ClassifierType, pixel_reader
@@ -39,8 +39,10 @@ from .contract import (
     guider_inputs,
     install,
     model_files,
+    model_identity,
     node_id_of,
     run_state,
+    stock_cfg_run,
 )
 from .contract.training_guard import (
     Need,
@@ -96,16 +98,10 @@ def schedule_sigmas(model, where: str) -> torch.Tensor:
 
 
 def _pool_chunk(model, conditioning, latent, *, seed, steps, cfg, sampler_name, scheduler):
-    """Clean samples (model space) of one batch: a stock CFGGuider run (ComfyUI's interrupt checked every step)."""
+    """Clean samples (model space) of one batch: a stock full-CFG run (``stock_cfg_run``)."""
     positive, negative = conditioning
-    guider = comfy.samplers.CFGGuider(model)
-    guider.set_conds(positive, negative)
-    guider.set_cfg(cfg)
-    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
-    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
-    samples = guider.sample(comfy.sample.prepare_noise(latent_image, seed), latent_image,
-                            comfy.samplers.sampler_object(sampler_name), sigmas, callback=check_interrupt,
-                            disable_pbar=True, seed=seed)
+    samples = stock_cfg_run(model, positive, negative, latent, seed=seed, steps=steps, cfg=cfg,
+                            sampler_name=sampler_name, scheduler=scheduler)
     return model.model.process_latent_in(samples).float().cpu()
 
 
@@ -179,7 +175,7 @@ def train_bundle(model, classifier, conditionings: list, latent: dict, out_path,
     log_work(where, f"{math.ceil(images / batch)} sampling runs of {steps} steps at batch {batch}, {images} samples "
                     f"labelled, {settings.experts} experts x {settings.steps} optimiser steps of "
                     f"{settings.batch_size} rows")
-    identity = {"model": fingerprint(model.model.diffusion_model.state_dict(), type(model.model).__name__),
+    identity = {"model": model_identity(model),
                 "sampling": sampling_kind(model), "classifier": classifier.fingerprint, "images": images,
                 "seed": settings.seed, "steps": steps, "cfg": cfg, "sampler": sampler_name, "scheduler": scheduler,
                 "prompts": len(conditionings)}

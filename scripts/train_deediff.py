@@ -78,6 +78,7 @@ def main(argv=None) -> None:
     from tqdm import tqdm
 
     from guidance_kit.nodes import deediff as adapter
+    from guidance_kit.nodes.contract import encode_prompt
     from guidance_kit.samplers import training
 
     model, clip, default_prompts = load(args.ckpt)
@@ -99,7 +100,7 @@ def main(argv=None) -> None:
     with training.DistributedContext.from_environment("cpu" if args.cpu else None) as context:
         bar = tqdm(total=len(prompts) * args.sample_steps, desc="recording runs", disable=not context.is_main)
         recording = adapter.record_model_inputs(
-            model, [adapter.encode(clip, p) for p in prompts], adapter.encode(clip, args.negative), latent,
+            model, [encode_prompt(clip, p) for p in prompts], encode_prompt(clip, args.negative), latent,
             seed=args.seed, steps=args.sample_steps, cfg=args.cfg, sampler_name=args.sampler,
             scheduler=args.scheduler, on_step=lambda: bar.update(1))
         bar.close()

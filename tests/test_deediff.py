@@ -55,10 +55,11 @@ def toy():
 def quick_heads(model, clip, prompts, latent, *, steps=40, seed=0):
     """Heads trained a few steps on a few recorded runs (the training code of the Train node)."""
     from guidance_kit.nodes import deediff as adapter
+    from guidance_kit.nodes.contract import encode_prompt
     from guidance_kit.samplers import training
 
-    recording = adapter.record_model_inputs(model, [adapter.encode(clip, p) for p in prompts],
-                                            adapter.encode(clip, ""), latent, seed=seed, steps=STEPS, cfg=CFG,
+    recording = adapter.record_model_inputs(model, [encode_prompt(clip, p) for p in prompts],
+                                            encode_prompt(clip, ""), latent, seed=seed, steps=STEPS, cfg=CFG,
                                             sampler_name="euler", scheduler="simple")
     arch = adapter.architecture(model, "test")
     features = adapter.exit_features(model, arch, recording, 4096)
@@ -194,7 +195,7 @@ def test_heads_for_another_model_or_a_unet_are_errors(toy, toy_heads, tiny_eps):
         retrained.diffusion_model.blocks[0].attn.proj.weight.add_(1e-3)
     patcher = comfy.model_patcher.ModelPatcher(retrained, load_device=toy[0].load_device,
                                                offload_device=toy[0].offload_device)
-    with pytest.raises(ValueError, match=r"'heads' were trained for another model \(weights toy_dit:"):
+    with pytest.raises(ValueError, match=r"'heads' were trained for another model \(weights ToyWorldModel:"):
         adapter.patch_deediff(patcher, trained, 0.9)
     for bad in (float("nan"), 1.5):
         with pytest.raises(ValueError, match="'threshold'"):

@@ -26,7 +26,6 @@ import folder_paths
 from ...toyworld import weights
 
 EXTENSION = ".safetensors"
-PACK = Path(__file__).resolve().parent.parent
 FOLDERS = ("toyworld", "classifiers", "ppap", "linear_ag", "deediff")
 TOY_CLASSIFIER = "toy_classifier.safetensors (toy world)"  # listed under a label: it is not a classifier bundle
 TOY_EXPERTS = "toy_ppap_experts.safetensors"
@@ -36,7 +35,7 @@ SHIPPED: dict[str, dict[str, Path]] = {
     "ppap": {TOY_EXPERTS: weights.WEIGHTS_DIR / TOY_EXPERTS},
     "linear_ag": {"toy_dit_euler_simple_20_cfg4.safetensors":
                   weights.CALIBRATIONS_DIR / "toy_dit_euler_simple_20_cfg4.safetensors"},
-    "deediff": {"toy_dit_heads.safetensors": PACK / "toyworld" / "deediff" / "toy_dit_heads.safetensors"},
+    "deediff": {weights.DEEDIFF_HEADS.name: weights.DEEDIFF_HEADS},
 }
 FILE_NAME_LIMIT = 255  # bytes of a file name on common file systems
 TEMPORARY_NAME_EXTRA = len(".") + len(".") + 8 + len(".partial")  # save_bundle's ".<name>.XXXXXXXX.partial"
