@@ -75,6 +75,7 @@ class Row:
     # The clear error (a regex after the node's name) the node raises when its toy-world inputs meet a model
     # of another family (tests/test_reliability.py); None: it samples every family.
     other_family_error: str | None = None
+    samples_on: tuple[str, ...] = ()  # the tiny-model families it samples on despite an other_family_error
     plain_cfg: bool = False  # samples exactly what ComfyUI's CFGGuider samples (the baseline)
     # The main model evaluates more than one cond list per evaluation (False for Autoguidance: one main
     # row, one weak row), so ComfyUI's low-memory path has lists to split.
@@ -194,9 +195,9 @@ TABLE = [
         evaluates_uncond=False,
         other_family_error=WEAK_FAMILY),
     Row("PPAP Guider", _ppap(guider=True), guider=True, uses_slot=False, other_family_error=PPAP_FAMILY,
-        acts=("PPAP",)),
+        acts=("PPAP",), samples_on=("sd3_flow",)),
     Row("PPAP Guidance", _ppap(guider=False), guider=False, uses_slot=False, other_family_error=PPAP_FAMILY,
-        acts=("PPAP",)),
+        acts=("PPAP",), samples_on=("sd3_flow",)),
     Row("DeeDiff Early Exit", _patch("deediff"), guider=False, uses_slot=False, acts=("DeeDiff",),
         other_family_error="'(model' is a .* network|heads' were trained for another model)"),
 ]

@@ -23,9 +23,19 @@ def test_pure_packages_import_nothing_from_comfyui():
     assert offenders == []
 
 
-def test_samplers_import_without_comfyui_on_the_path():
-    code = "import sys; sys.path[:] = [p for p in sys.path if 'comfyui' not in p]; import samplers.run_record"
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+def test_pure_packages_import_without_comfyui_on_the_path(tmp_path):
+    """Every module of samplers/ and toyworld/ imports (as the pack, ``guidance_kit.*``) in a fresh interpreter
+    that cannot reach ComfyUI."""
+    (tmp_path / "guidance_kit").symlink_to(REPO, target_is_directory=True)
+    modules = sorted("guidance_kit." + ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+                     for package in PURE_PACKAGES for path in (REPO / package).rglob("*.py"))
+    code = (f"import importlib, sys; sys.path[:] = [{str(tmp_path)!r}] + [p for p in sys.path if p and 'comfy' not in "
+            f"p.lower() and p != {str(REPO)!r}]\n"
+            f"for name in {modules!r}: importlib.import_module(name)\n"
+            "assert not any(m.split('.')[0] in ('comfy', 'comfy_api', 'folder_paths') for m in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(modules) > 10
 
 
 def test_registry_metadata():
