@@ -42,6 +42,7 @@ class AdaptiveGuidanceRun:
 class AdaptiveGuidance(Technique):
     name = "AG"
     node = NODE
+    uses_slot = True
 
     def __init__(self, threshold, quantity, start_percent, end_percent):
         self.options = (threshold, quantity, start_percent, end_percent)

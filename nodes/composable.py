@@ -114,6 +114,7 @@ class Composable(Technique):
 
     name = TECHNIQUE
     node = "Composable"
+    uses_slot = True
     needs_uncond = False
 
     def __init__(self, threshold: float):

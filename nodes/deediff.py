@@ -179,20 +179,33 @@ class DeeDiffTechnique(Technique):
     def start_run(self, guider, sigmas, sampler):
         return DeeDiffRun(self.trained.heads, self.threshold)
 
+    def _block_patches(self, patched) -> dict:
+        return patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+
     def patch(self, patched, key: str) -> None:
-        """Block replacements on every block (wrapping another pack's; replacing an earlier DeeDiff's) and the
-        per-call APPLY_MODEL wrapper."""
+        """Block replacements on every block (wrapping another pack's) and the per-call APPLY_MODEL wrapper."""
         forward_key = f"{key}.forward"
-        existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+        existing = self._block_patches(patched)
         for index in range(self.arch.blocks):
             previous = existing.get((self.arch.block_kind, index))
-            if hasattr(previous, "deediff_key"):  # DeeDiff again: this installation replaces the earlier one
-                patched.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, previous.deediff_key)
-                previous = previous.previous
             replacement = _exit_block(index, previous, forward_key)
             replacement.deediff_key, replacement.previous = key, previous
             patched.set_model_patch_replace(replacement, "dit", self.arch.block_kind, index)
         patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, key, _exits_per_call(self.arch, key, forward_key))
+
+    def unpatch(self, patched, key: str) -> bool:
+        """Unwrap the block replacements installed under ``key`` (when still outermost) and drop the wrapper."""
+        existing = self._block_patches(patched)
+        mine = [(block, existing.get(block)) for block in ((self.arch.block_kind, i) for i in range(self.arch.blocks))]
+        if not all(getattr(replacement, "deediff_key", None) == key for _, replacement in mine):
+            return False  # another pack's block patch sits over it: both stay
+        for (kind, index), replacement in mine:
+            if replacement.previous is None:
+                del patched.model_options["transformer_options"]["patches_replace"]["dit"][(kind, index)]
+            else:
+                patched.set_model_patch_replace(replacement.previous, "dit", kind, index)
+        patched.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, key)
+        return True
 
 
 def _exit_block(index: int, previous, forward_key: str):

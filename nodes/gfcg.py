@@ -182,6 +182,8 @@ class ReferenceRun:
 class ReferenceGuidance(Technique):
     """GFCG, Autoguidance, or both (module docstring)."""
 
+    uses_slot = True
+
     def __init__(self, weak=None, options: GFCGOptions | None = None):
         self.weak = weak
         self.gfcg = options

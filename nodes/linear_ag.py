@@ -203,6 +203,7 @@ class LinearAGRun:
 class LinearAG(Technique):
     name = "LinearAG"
     node = NODE
+    uses_slot = True
 
     def __init__(self, calibration: Calibration, true_every: int, guided_until: float):
         self.calibration, self.true_every, self.guided_until = calibration, true_every, guided_until

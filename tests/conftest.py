@@ -8,6 +8,7 @@ into ComfyUI's ``custom_nodes/`` under that name).
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ if str(REPO) not in sys.path:
     sys.path.append(str(REPO))
 
 from harness import comfy_host, tiny_models  # noqa: E402
+from harness.executor import run_node  # noqa: E402
 from harness.server import ComfyServer  # noqa: E402
 
 # Property-based tests (hypothesis): a small, derandomised example budget by default (CI); set
@@ -29,6 +31,8 @@ settings.register_profile("thorough", max_examples=200, **HYPOTHESIS_COMMON)
 settings.load_profile(os.environ.get("GUIDANCE_KIT_HYPOTHESIS", "ci"))
 
 COMFY_DIR = comfy_host.boot()  # before test modules are collected: they import comfy.*
+import nodes  # noqa: E402  (ComfyUI's own nodes module)
+
 TEST_NODES = REPO / "tests" / "comfy_test_nodes"
 # A first visit without the template browser, the "Nodes 2.0" banner and the minimap over the graph,
 # and with node text drawn at any zoom (browser screenshots fit the whole workflow).
@@ -58,6 +62,53 @@ def comfy_server():
 @pytest.fixture(scope="session")
 def comfy_dir():
     return COMFY_DIR
+
+
+@dataclass
+class ToyWorld:
+    """The embedded toy world as a user's nodes load it: MODEL, CLIP, VAE, the weak model, the shipped classifier
+    and DeeDiff heads, a prompt and the empty negative, an AND composition, and a LinearAG calibration of the model
+    (3 euler/simple steps at cfg 4: technique_table's STEPS and CFG)."""
+
+    model: object
+    clip: object
+    vae: object
+    weak: object
+    classifier: object
+    heads: object
+    positive: list
+    negative: list
+    composition: list
+    calibration: object
+
+    def encode(self, text: str) -> list:
+        return run_node(nodes.CLIPTextEncode, self.clip, text)[0]
+
+    @staticmethod
+    def latent(batch: int) -> dict:
+        from guidance_kit.nodes.toyworld import ToyWorldEmptyLatent
+
+        return run_node(ToyWorldEmptyLatent, batch)[0]
+
+
+@pytest.fixture(scope="session")
+def toy(comfy_dir):
+    """The one toy-world fixture (``ToyWorld``), loaded through the pack's nodes once per session."""
+    from guidance_kit.nodes.classifier import TOY_CHOICE, LoadClassifier
+    from guidance_kit.nodes.composable import ComposablePrompt
+    from guidance_kit.nodes.deediff import DeeDiffLoad
+    from guidance_kit.nodes.linear_ag import calibrate
+    from guidance_kit.nodes.toyworld import ToyWorldLoader
+
+    model, clip, vae = run_node(ToyWorldLoader, "toy_dit.safetensors")
+    positive, negative = (run_node(nodes.CLIPTextEncode, clip, text)[0] for text in ("a red circle on the left", ""))
+    calibration = calibrate(model, [positive], negative, ToyWorld.latent(1), seed=0, steps=3, cfg=4.0,
+                            sampler_name="euler", scheduler="simple")
+    weak = run_node(ToyWorldLoader, "toy_dit_weak.safetensors")[0]
+    heads = run_node(DeeDiffLoad, "toy_dit_heads.safetensors")[0]
+    classifier = run_node(LoadClassifier, TOY_CHOICE, "auto")[0]
+    composition = run_node(ComposablePrompt, clip, "a red circle AND a blue square", 1.0)[0]
+    return ToyWorld(model, clip, vae, weak, classifier, heads, positive, negative, composition, calibration)
 
 
 @pytest.fixture(scope="session", params=tiny_models.FAMILIES)

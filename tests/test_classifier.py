@@ -15,7 +15,6 @@ from guidance_kit.samplers.classifier import (
     load_classifier,
     parse_class_lines,
     save_classifier,
-    toy_classifier,
 )
 from guidance_kit.toyworld import scenes, weights
 from harness import tiny_models
@@ -25,8 +24,9 @@ WHERE = "test"
 
 
 @pytest.fixture(scope="module")
-def toy():
-    return toy_classifier(weights.CLASSIFIER_WEIGHTS, WHERE)
+def net(toy):
+    """The toy world's classifier as Load Classifier gives it (loaded in the executor's inference mode)."""
+    return toy.classifier
 
 
 def rendered(count, seed=0):
@@ -36,52 +36,52 @@ def rendered(count, seed=0):
     return images, [s.spec["objects"][0] for s in scene_list]
 
 
-def test_toy_classifier_names_every_head_and_classifies_clean_scenes(toy):
-    assert toy.heads == {"colour": scenes.COLOURS, "shape": scenes.SHAPES, "position": scenes.POSITIONS}
-    assert toy.phrase("position", toy.class_index("position", "left", WHERE)) == "on the left"
-    assert toy.class_index("position", "on the left", WHERE) == scenes.POSITIONS.index("left")
+def test_toy_classifier_names_every_head_and_classifies_clean_scenes(net):
+    assert net.heads == {"colour": scenes.COLOURS, "shape": scenes.SHAPES, "position": scenes.POSITIONS}
+    assert net.phrase("position", net.class_index("position", "left", WHERE)) == "on the left"
+    assert net.class_index("position", "on the left", WHERE) == scenes.POSITIONS.index("left")
     images, objects = rendered(48)
     with torch.no_grad():
-        probabilities = toy.probabilities(images)
-    for head, names in toy.heads.items():
+        probabilities = net.probabilities(images)
+    for head, names in net.heads.items():
         truth = torch.tensor([names.index(obj[head]) for obj in objects])
         assert (probabilities[head].argmax(-1) == truth).float().mean() > 0.95, head
         assert torch.allclose(probabilities[head].sum(-1), torch.ones(len(objects)))
 
 
-def test_classifier_resizes_any_input_and_is_differentiable_under_inference_mode_off(toy):
+def test_classifier_resizes_any_input_and_is_differentiable_under_inference_mode_off(net):
     images, _ = rendered(2)
     large = torch.nn.functional.interpolate(images, scale_factor=2, mode="nearest").requires_grad_(True)
-    logits = toy.logits(large)
+    logits = net.logits(large)
     assert logits["colour"].shape == (2, len(scenes.COLOURS))
     logits["colour"][:, 0].sum().backward()
     assert large.grad is not None and large.grad.abs().sum() > 0
-    assert all(not p.requires_grad for p in toy.network.parameters())
+    assert all(not p.requires_grad for p in net.network.parameters())
 
 
-def test_unknown_head_or_class_names_the_caller(toy):
+def test_unknown_head_or_class_names_the_caller(net):
     with pytest.raises(ValueError, match="GFCG Guider.*no head 'texture'"):
-        toy.class_index("texture", "red", "GFCG Guider")
+        net.class_index("texture", "red", "GFCG Guider")
     with pytest.raises(ValueError, match="'magenta' is not a class of head 'colour'"):
-        toy.class_index("colour", "magenta", WHERE)
+        net.class_index("colour", "magenta", WHERE)
 
 
-def test_bundle_round_trip_keeps_logits_names_and_fingerprint(toy, tmp_path):
-    path = save_classifier(tmp_path / "toy.safetensors", toy.network, "toyworld.ToyClassifier",
-                           {h: list(n) for h, n in toy.heads.items()}, input_size=(32, 32),
-                           phrases={"position": list(toy.phrases["position"])})
+def test_bundle_round_trip_keeps_logits_names_and_fingerprint(net, tmp_path):
+    path = save_classifier(tmp_path / "toy.safetensors", net.network, "toyworld.ToyClassifier",
+                           {h: list(n) for h, n in net.heads.items()}, input_size=(32, 32),
+                           phrases={"position": list(net.phrases["position"])})
     loaded = load_classifier(path, WHERE)
     images, _ = rendered(4, seed=3)
     with torch.no_grad():
-        assert torch.allclose(loaded.logits(images)["shape"], toy.logits(images)["shape"], atol=1e-6)
-    assert loaded.heads == toy.heads and loaded.phrases == toy.phrases
-    assert loaded.fingerprint == load_classifier(path, WHERE).fingerprint != toy.fingerprint
+        assert torch.allclose(loaded.logits(images)["shape"], net.logits(images)["shape"], atol=1e-6)
+    assert loaded.heads == net.heads and loaded.phrases == net.phrases
+    assert loaded.fingerprint == load_classifier(path, WHERE).fingerprint != net.fingerprint
 
 
-def test_bundle_checks_keys_shapes_and_class_counts(toy, tmp_path):
-    state = dict(toy.network.state_dict())
-    meta = {"architecture": "toyworld.ToyClassifier", "config": toy.network.config, "input_size": [32, 32],
-            "heads": {h: list(n) for h, n in toy.heads.items()}}
+def test_bundle_checks_keys_shapes_and_class_counts(net, tmp_path):
+    state = dict(net.network.state_dict())
+    meta = {"architecture": "toyworld.ToyClassifier", "config": net.network.config, "input_size": [32, 32],
+            "heads": {h: list(n) for h, n in net.heads.items()}}
     broken = {k: v for k, v in state.items() if k != "heads.shape.bias"}
     save_bundle(tmp_path / "missing.safetensors", broken, meta, CLASSIFIER_FORMAT)
     with pytest.raises(BundleError, match="Load Classifier.*missing heads.shape.bias"):
@@ -161,15 +161,15 @@ def test_clip_zero_shot_rejects_a_mismatched_text_encoder(tiny_clip_vision):
         run_node(ClipZeroShotClassifier, tiny_clip_vision, WideClip(), "a, b", "no slot", "auto")
 
 
-def test_pixel_reader_per_latent_format(toy, tiny_eps):
+def test_pixel_reader_per_latent_format(net, tiny_eps):
     from guidance_kit.nodes.classifier import LoadClassifier, pixel_reader
     from guidance_kit.nodes.toyworld import load_model
 
     toy_model = load_model(weights.MAIN_WEIGHTS)
     latent = torch.rand(2, 3, 32, 32) * 2 - 1
-    assert torch.equal(pixel_reader(toy, toy_model, WHERE)(latent), latent)
+    assert torch.equal(pixel_reader(net, toy_model, WHERE)(latent), latent)
     sd_latent = torch.randn(2, 4, 8, 8)
-    rgb = pixel_reader(toy, tiny_eps.patcher, WHERE)(sd_latent)
+    rgb = pixel_reader(net, tiny_eps.patcher, WHERE)(sd_latent)
     factors = torch.tensor(tiny_eps.patcher.model.latent_format.latent_rgb_factors)
     assert rgb.shape == (2, 3, 8, 8)
     assert torch.allclose(rgb, torch.einsum("bchw,cr->brhw", sd_latent, factors).clamp(-1, 1))
@@ -177,14 +177,14 @@ def test_pixel_reader_per_latent_format(toy, tiny_eps):
         run_node(LoadClassifier, "toy_classifier.safetensors (toy world)", "vae")
     loaded = run_node(LoadClassifier, "toy_classifier.safetensors (toy world)", "latent_rgb")[0]
     assert isinstance(loaded, Classifier) and loaded.pixel_source == "latent_rgb"
-    assert loaded.fingerprint == toy.fingerprint
+    assert loaded.fingerprint == net.fingerprint
 
 
-def test_vae_pixel_source_decodes_through_the_vae(toy):
+def test_vae_pixel_source_decodes_through_the_vae(net):
     from guidance_kit.nodes.classifier import pixel_reader
     from guidance_kit.nodes.toyworld import load_model, pixel_space_vae
 
     toy_model = load_model(weights.MAIN_WEIGHTS)
-    via_vae = toy.with_pixel_source("vae", pixel_space_vae())
+    via_vae = net.with_pixel_source("vae", pixel_space_vae())
     latent = torch.rand(2, 3, 32, 32) * 2 - 1
     assert torch.allclose(pixel_reader(via_vae, toy_model, WHERE)(latent), latent, atol=1e-5)

@@ -44,14 +44,6 @@ class BlockRows:
             handle.remove()
 
 
-@pytest.fixture(scope="module")
-def toy():
-    from guidance_kit.nodes import toyworld as adapter
-    from guidance_kit.toyworld import weights
-
-    return adapter.load_model(weights.MAIN_WEIGHTS), adapter.load_clip(weights.MAIN_WEIGHTS)
-
-
 def quick_heads(model, clip, prompts, latent, *, steps=40, seed=0):
     """Heads trained a few steps on a few recorded runs (the training code of the Train node)."""
     from guidance_kit.nodes import deediff as adapter
@@ -82,7 +74,7 @@ def median_confidence(trained, features, exit_index=0) -> float:
 def toy_heads(toy):
     from guidance_kit.nodes.toyworld import ToyWorldEmptyLatent
 
-    return quick_heads(*toy, ["a large red circle on the left", "a blue square above a mirror"],
+    return quick_heads(toy.model, toy.clip, ["a large red circle on the left", "a blue square above a mirror"],
                        run_node(ToyWorldEmptyLatent, 2)[0])
 
 
@@ -106,7 +98,7 @@ def last_run(guider):
 def test_threshold_one_is_the_full_model(toy, toy_heads):
     from guidance_kit.nodes.deediff import patch_deediff
 
-    model, clip = toy
+    model, clip = toy.model, toy.clip
     reference, full_rows, _ = toy_sample(model, clip)
     samples, rows, guider = toy_sample(patch_deediff(model, toy_heads[0], 1.0), clip)
     assert torch.equal(samples, reference)
@@ -120,7 +112,7 @@ def test_rows_exit_on_their_own_and_skip_the_remaining_blocks(toy, toy_heads):
     from guidance_kit.nodes.deediff import patch_deediff
     from guidance_kit.samplers.stats_plot import signal_curves
 
-    model, clip = toy
+    model, clip = toy.model, toy.clip
     trained, features = toy_heads
     threshold = median_confidence(trained, features)
     reference, full_rows, _ = toy_sample(model, clip)
@@ -139,7 +131,7 @@ def test_rows_exit_on_their_own_and_skip_the_remaining_blocks(toy, toy_heads):
 def test_another_block_patch_stays_chained(toy, toy_heads):
     from guidance_kit.nodes.deediff import patch_deediff
 
-    model, clip = toy
+    model, clip = toy.model, toy.clip
     trained, features = toy_heads
     seen = []
 
@@ -158,7 +150,7 @@ def test_stacks_with_adaptive_guidance(toy, toy_heads):
     from guidance_kit.nodes.adaptive_guidance import AdaptiveGuidanceModelPatch
     from guidance_kit.nodes.deediff import patch_deediff
 
-    model, clip = toy
+    model, clip = toy.model, toy.clip
     trained, features = toy_heads
     stacked = patch_deediff(run_node(AdaptiveGuidanceModelPatch, model, 0.9, "auto", 0.0, 1.0)[0], trained,
                             median_confidence(trained, features))
@@ -171,7 +163,7 @@ def test_stacks_with_adaptive_guidance(toy, toy_heads):
 def test_installing_deediff_twice_replaces_the_first(toy, toy_heads):
     from guidance_kit.nodes.deediff import patch_deediff
 
-    model, clip = toy
+    model, clip = toy.model, toy.clip
     trained, features = toy_heads
     once = toy_sample(patch_deediff(model, trained, median_confidence(trained, features)), clip)
     twice = toy_sample(patch_deediff(patch_deediff(model, trained, 0.0), trained, median_confidence(trained, features)),
@@ -190,16 +182,16 @@ def test_heads_for_another_model_or_a_unet_are_errors(toy, toy_heads, tiny_eps):
     with pytest.raises(ValueError, match=r"DeeDiff Early Exit \(Guidance Kit\): 'heads' were trained for another "
                                          r"model \(blocks 8 \(heads\) vs 4"):
         adapter.patch_deediff(toyworld.load_model(weights.WEAK_WEIGHTS), trained, 0.9)
-    retrained = copy.deepcopy(toy[0].model)
+    retrained = copy.deepcopy(toy.model.model)
     with torch.no_grad():
         retrained.diffusion_model.blocks[0].attn.proj.weight.add_(1e-3)
-    patcher = comfy.model_patcher.ModelPatcher(retrained, load_device=toy[0].load_device,
-                                               offload_device=toy[0].offload_device)
+    patcher = comfy.model_patcher.ModelPatcher(retrained, load_device=toy.model.load_device,
+                                               offload_device=toy.model.offload_device)
     with pytest.raises(ValueError, match=r"'heads' were trained for another model \(weights ToyWorldModel:"):
         adapter.patch_deediff(patcher, trained, 0.9)
     for bad in (float("nan"), 1.5):
         with pytest.raises(ValueError, match="'threshold'"):
-            adapter.patch_deediff(toy[0], trained, bad)
+            adapter.patch_deediff(toy.model, trained, bad)
 
 
 def test_heads_bundle_checks(tmp_path):

@@ -3,7 +3,6 @@
 Exactness tests replay a recorded run through a reference guider written from the formulas
 (``samplers/gfcg.py``, ``samplers/autoguidance.py``) with ComfyUI's own ``calc_cond_batch``.
 """
-import functools
 import zlib
 
 import pytest
@@ -12,26 +11,12 @@ import torch
 import comfy.model_management
 import comfy.sampler_helpers
 import comfy.samplers
-import nodes
 
-from guidance_kit.toyworld import weights
 from harness import tiny_models
 from harness.executor import run_node
 from harness.sampling import cfg_guider, ksample, sample_guider
 
 PROMPT = "a large red circle on the left"
-
-
-@pytest.fixture(scope="module")
-def toy():
-    from guidance_kit.nodes.classifier import TOY_CHOICE, LoadClassifier
-    from guidance_kit.nodes.toyworld import load_clip, load_model
-
-    clip = load_clip(weights.MAIN_WEIGHTS)
-    encode = functools.partial(run_node, nodes.CLIPTextEncode)
-    return {"model": load_model(weights.MAIN_WEIGHTS), "weak": load_model(weights.WEAK_WEIGHTS), "clip": clip,
-            "classifier": run_node(LoadClassifier, TOY_CHOICE, "auto")[0], "positive": encode(clip, PROMPT)[0],
-            "negative": encode(clip, "")[0], "encode": lambda text: encode(clip, text)[0]}
 
 
 def toy_latent(batch):
@@ -52,8 +37,8 @@ def gfcg_guider(toy, cfg=1.5, *, targets="", scale=4.0, confidence=0.9, start_pe
     from guidance_kit.nodes.gfcg import GFCGGuider
 
     options = {"weak_model": weak} if weak is not None else {}
-    return run_node(GFCGGuider, model=model or toy["model"], positive=toy["encode"](prompt), negative=toy["negative"],
-                              cfg=cfg, classifier=toy["classifier"], clip=toy["clip"], prompt=prompt,
+    return run_node(GFCGGuider, model=model or toy.model, positive=toy.encode(prompt), negative=toy.negative,
+                              cfg=cfg, classifier=toy.classifier, clip=toy.clip, prompt=prompt,
                               targets=targets, scale=scale, confidence=confidence, start_percent=start_percent,
                               every=every,
                               reference_row=reference_row, **options)[0]
@@ -71,7 +56,7 @@ def atg_guider(model, weak, positive, negative, weight):
 def test_targets_come_from_the_prompt_and_variants_replace_one_phrase(toy):
     from guidance_kit.nodes.gfcg import find_targets, replace_phrase
 
-    classifier = toy["classifier"]
+    classifier = toy.classifier
     assert find_targets(PROMPT, classifier, {}, "GFCG") == {"colour": 0, "shape": 0, "position": 0}
     assert find_targets(PROMPT, classifier, {"shape": "circle"}, "GFCG") == {"shape": 0}
     assert replace_phrase(PROMPT, "on the left", "at the top") == "a large red circle at the top"
@@ -131,11 +116,11 @@ def test_gfcg_extra_row_matches_the_formula_and_counts_its_rows(toy):
     assert [e.rows for e in run.evaluations] == [8] + [8 + a for a in active]
     assert run.baseline_rows == 4 * 8
     from guidance_kit.toyworld import scenes
-    variants = [toy["encode"](PROMPT.replace("circle", shape)) for shape in scenes.SHAPES]
-    reference = ReplayGFCG(toy["model"], toy["positive"], toy["negative"], 1.5, variants, recorded)
+    variants = [toy.encode(PROMPT.replace("circle", shape)) for shape in scenes.SHAPES]
+    reference = ReplayGFCG(toy.model, toy.encode(PROMPT), toy.negative, 1.5, variants, recorded)
     expected = sample_guider(reference, toy_latent(4), steps=4, scheduler="simple", seed=3)
     assert torch.allclose(out, expected, atol=1e-4)
-    plain = sample_guider(cfg_guider(toy["model"], toy["positive"], toy["negative"], 1.5), toy_latent(4), steps=4,
+    plain = sample_guider(cfg_guider(toy.model, toy.encode(PROMPT), toy.negative, 1.5), toy_latent(4), steps=4,
                           scheduler="simple", seed=3)
     assert (out - plain).abs().max() > 1e-3
 
@@ -144,7 +129,7 @@ def test_confident_classifier_is_plain_cfg(toy):
     latent = toy_latent(2)
     guider = gfcg_guider(toy, cfg=3.0, confidence=0.0)
     out = sample_guider(guider, latent, steps=3, scheduler="simple", seed=1)
-    plain = sample_guider(cfg_guider(toy["model"], toy["positive"], toy["negative"], 3.0), latent, steps=3,
+    plain = sample_guider(cfg_guider(toy.model, toy.encode(PROMPT), toy.negative, 3.0), latent, steps=3,
                           scheduler="simple", seed=1)
     assert torch.equal(out, plain)
     run = last_run(guider)
@@ -188,7 +173,7 @@ def test_gfcg_at_cfg_one_is_the_conditional_plus_the_contrast(toy):
     run = last_run(guider)
     active = [sum(1 for w in e.signals["gfcg_scale"] if w > 0) for e in run.evaluations[1:]]
     assert [e.rows for e in run.evaluations] == [2] + [2 + a for a in active] and sum(active)
-    plain = sample_guider(cfg_guider(toy["model"], toy["positive"], toy["negative"], 1.0), toy_latent(2), steps=3,
+    plain = sample_guider(cfg_guider(toy.model, toy.encode(PROMPT), toy.negative, 1.0), toy_latent(2), steps=3,
                           scheduler="simple", seed=4)
     assert (out - plain).abs().max() > 1e-3
 
@@ -274,7 +259,7 @@ def test_gfcg_and_autoguidance_on_every_family(tiny, weak_tiny, toy, reference_r
 
     clip = TextConditioning(tiny)
     positive = clip.encode_from_tokens_scheduled(PROMPT)
-    classifier = toy["classifier"].with_pixel_source("latent_rgb")
+    classifier = toy.classifier.with_pixel_source("latent_rgb")
     for weak in (None, weak_tiny[tiny.family].patcher):
         options = {} if weak is None else {"weak_model": weak}
         patched = run_node(GFCGModelPatch, tiny.patcher, classifier, clip, PROMPT, "colour=red", 3.0, 1.0, 0.0,

@@ -10,24 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import nodes
-
 from harness.executor import run_node
 from harness.sampling import ksample, sample_guider
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_TRAINING = dict(experts=2, steps=3, batch_size=4)
-
-
-@pytest.fixture(scope="module")
-def toy(comfy_dir):
-    from guidance_kit.nodes import toyworld
-    from guidance_kit.samplers.classifier import toy_classifier
-    from guidance_kit.toyworld import weights
-
-    model, clip = toyworld.load_model(weights.MAIN_WEIGHTS), toyworld.load_clip(weights.MAIN_WEIGHTS)
-    empty = run_node(nodes.CLIPTextEncode, clip, "")[0]
-    return model, empty, toy_classifier(weights.CLASSIFIER_WEIGHTS, "test")
 
 
 def train_tiny(model, classifier, conditioning, latent, out, work=None, **settings):
@@ -53,7 +40,7 @@ def test_training_is_data_free_resumable_and_moves_only_the_adapters(toy, tmp_pa
         raise AssertionError("PPAP training read the toy world's generator (labelled data)")
     for name in ("render", "sample_scene", "sample_spec", "all_specs", "dev_prompts", "validation_prompts"):
         monkeypatch.setattr(scenes, name, forbidden)
-    model, empty, classifier = toy
+    model, empty, classifier = toy.model, toy.negative, toy.classifier
     out = tmp_path / "experts.safetensors"
     info = train_tiny(model, classifier, (empty, empty), empty_latent(4), out, tmp_path / "work")
     loaded, meta = ppap.load_experts(out, classifier, "test")
@@ -97,7 +84,7 @@ def test_torchrun_two_processes_match_one_process(toy, tmp_path):
     one = _train_cli(tmp_path / "one.safetensors", tmp_path / "w1")
     two = _train_cli(tmp_path / "two.safetensors", tmp_path / "w2", torchrun)
     assert one["final_losses"] == pytest.approx(two["final_losses"], rel=1e-5)
-    classifier = toy[2]
+    classifier = toy.classifier
     a = ppap.load_experts(tmp_path / "one.safetensors", classifier, "t")[0]
     b = ppap.load_experts(tmp_path / "two.safetensors", classifier, "t")[0]
     assert max(float((a.experts[k][n] - b.experts[k][n]).abs().max()) for k in range(2) for n in a.experts[k]) < 1e-5
@@ -111,7 +98,7 @@ def test_shipped_experts_steer_unconditional_samples_toward_a_colour(toy):
     from guidance_kit.nodes.toyworld import pixel_space_vae
     from guidance_kit.toyworld import oracle
 
-    model, empty, classifier = toy
+    model, empty, classifier = toy.model, toy.negative, toy.classifier
     patched = run_node(PPAPModelPatch, model, classifier, TOY_EXPERTS, "colour: red", 30.0)[0]
     vae = pixel_space_vae()
     counts = {}
@@ -130,7 +117,7 @@ def test_shipped_experts_steer_unconditional_samples_toward_a_colour(toy):
 def test_guidance_also_works_with_cfg_on(toy):
     from guidance_kit.nodes.ppap import TOY_EXPERTS, PPAPGuider
 
-    model, empty, classifier = toy
+    model, empty, classifier = toy.model, toy.negative, toy.classifier
     probabilities = {}
     for scale in (0.0, 30.0):
         guider = run_node(PPAPGuider, model, empty, empty, 3.0, classifier, TOY_EXPERTS, "colour: blue", scale)[0]
@@ -151,7 +138,7 @@ def test_denoised_conversion_and_a_latent_family(tiny, toy):
     from guidance_kit.nodes.contract import install
     from guidance_kit.samplers import ppap
 
-    classifier = toy[2]
+    classifier = toy.classifier
     sigma = torch.tensor([0.3, 0.9])
     alpha, noise_std = adapter.forward_coefficients(tiny.patcher)(sigma)
     want_alpha, want_std = EXPECTED_COEFFICIENTS[tiny.family](sigma)
@@ -187,7 +174,7 @@ def test_latent_family_trains_and_loads_experts(tiny_eps, toy, tmp_path):
     from guidance_kit.nodes import ppap as adapter
     from guidance_kit.samplers import ppap
 
-    classifier = toy[2]
+    classifier = toy.classifier
     out = tmp_path / "sd15.safetensors"
     train_tiny(tiny_eps.patcher, classifier, (tiny_eps.positive, tiny_eps.negative), tiny_eps.empty_latent(4), out)
     loaded, meta = ppap.load_experts(out, classifier, "test")
@@ -215,7 +202,7 @@ def test_errors_name_the_node_and_input(toy, tiny_eps, experts_folder):
     from guidance_kit.samplers.classifier import load_classifier, save_classifier
     from guidance_kit.toyworld import weights
 
-    model, empty, classifier = toy
+    model, empty, classifier = toy.model, toy.negative, toy.classifier
     shipped = weights.WEIGHTS_DIR / TOY_EXPERTS
     with pytest.raises(ValueError, match=r"PPAP 'target': 'mauve' is no class"):
         run_node(PPAPModelPatch, model, classifier, TOY_EXPERTS, "mauve", 7.5)
@@ -251,7 +238,7 @@ def test_train_node_writes_a_loadable_bundle_with_a_progress_bar(toy, experts_fo
 
     from guidance_kit.nodes.ppap import PPAPModelPatch, PPAPTrainExperts
 
-    model, empty, classifier = toy
+    model, empty, classifier = toy.model, toy.negative, toy.classifier
     ticks = []
     monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None:
                         ticks.append((value, total)))
@@ -259,4 +246,6 @@ def test_train_node_writes_a_loadable_bundle_with_a_progress_bar(toy, experts_fo
                                     1, 2, 4, 1e-3, 2, 0, "tiny")[0]
     assert name == "tiny.safetensors" and (experts_folder / name).is_file()
     assert ticks[-1] == (1 + 2, 1 + 2)  # one sampling batch + 1 expert x 2 steps
-    run_node(PPAPModelPatch, model, classifier, name, "shape: circle", 7.5)
+    patched = run_node(PPAPModelPatch, model, classifier, name, "shape: circle", 7.5)[0]
+    guided = ksample(patched, empty, empty, empty_latent(2), cfg=1.0, steps=3, scheduler="simple")
+    assert not torch.equal(guided, ksample(model, empty, empty, empty_latent(2), cfg=1.0, steps=3, scheduler="simple"))

@@ -2,12 +2,11 @@
 (each test names the one it holds), determinism and no leaked state, the low-memory path, and bad
 input (property-based, hypothesis profiles in conftest.py).
 
-Technique nodes come from the contract table (``test_contract.TABLE``: a new row is covered here
+Technique nodes come from the contract table (``technique_table.TABLE``: a new row is covered here
 too); the other nodes from every module's ``NODES`` (``pack_nodes``).
 """
 import ast
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -16,11 +15,10 @@ import re
 from pathlib import Path
 
 import pytest
-import test_contract
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from test_contract import CFG, TABLE, guider_of, ids
+from technique_table import CFG, TABLE, _gfcg_options, guider_of, ids
 
 import comfy.model_management
 import folder_paths
@@ -31,7 +29,6 @@ from harness.executor import run_node
 from harness.sampling import cfg_guider, ksample, sample_guider
 
 FIGURES = {"sampling runs": 0, "inputs tried": 0}
-world = test_contract.world  # the contract suite's toy world (model, prompts, a calibration)
 
 
 def counted_sample(guider, latent_dict, **settings):
@@ -49,16 +46,6 @@ def named(node: str) -> str:
     """A regex matching an error that starts with ``node``'s name (or its technique's: the MODEL-patch
     and GUIDER twins of a technique share its checks)."""
     return "^(" + "|".join(sorted(map(re.escape, named_set(node)), key=len, reverse=True)) + r")( \(Guidance Kit\))?"
-
-
-@pytest.fixture(scope="module")
-def toy():
-    from guidance_kit.nodes.toyworld import ToyWorldLoader
-
-    model, clip, _ = run_node(ToyWorldLoader, "toy_dit.safetensors")
-    encode = functools.partial(run_node, nodes.CLIPTextEncode)
-    return {"model": model, "clip": clip, "positive": encode(clip, "a red circle on the left")[0],
-            "negative": encode(clip, "")[0]}
 
 
 @pytest.fixture
@@ -80,7 +67,7 @@ def latent(batch):
 def calibrate_node(toy, filename, **overrides):
     from guidance_kit.nodes.linear_ag import LinearAGCalibrate
 
-    inputs = dict(model=toy["model"], clip=toy["clip"], prompts="a red circle\na blue square", negative_prompt="",
+    inputs = dict(model=toy.model, clip=toy.clip, prompts="a red circle\na blue square", negative_prompt="",
                   latent=latent(1), seed=0, steps=3, cfg=CFG, sampler_name="euler", scheduler="simple",
                   filename=filename) | overrides
     return run_node(LinearAGCalibrate, **inputs)[0]
@@ -103,7 +90,7 @@ def no_calibration_run(monkeypatch):
 # ---------------------------------------------------------------- failures found, each held by a test
 
 @pytest.mark.parametrize("node", ["reference", "ag"])
-def test_nan_cfg_on_a_guider_is_an_error_naming_it(world, node):
+def test_nan_cfg_on_a_guider_is_an_error_naming_it(toy, node):
     """Found: cfg NaN on the AG and Reference CFG guiders gave a black image reported as success."""
     from guidance_kit.nodes.adaptive_guidance import AdaptiveGuidanceGuider
     from guidance_kit.nodes.reference_guider import ReferenceCFGGuider
@@ -111,10 +98,10 @@ def test_nan_cfg_on_a_guider_is_an_error_naming_it(world, node):
     for cfg in (math.nan, math.inf, -1.0, 1e30):
         if node == "reference":
             with pytest.raises(ValueError, match=r"^Reference CFG Guider: 'cfg'"):
-                run_node(ReferenceCFGGuider, world.model, world.positive, world.negative, cfg)
+                run_node(ReferenceCFGGuider, toy.model, toy.positive, toy.negative, cfg)
         else:
             with pytest.raises(ValueError, match=r"^Adaptive Guidance Guider: 'cfg'"):
-                run_node(AdaptiveGuidanceGuider, world.model, world.positive, world.negative, cfg, threshold=0.98,
+                run_node(AdaptiveGuidanceGuider, toy.model, toy.positive, toy.negative, cfg, threshold=0.98,
                                                measure="auto", start_percent=0.0, end_percent=1.0)
 
 
@@ -132,10 +119,10 @@ def test_composable_prompt_weights_are_capped_at_the_widget_range(toy):
 
     for text in ("a red circle :1e30", "a red circle AND NOT green :101", "a red circle :-100.5"):
         with pytest.raises(ValueError, match=r"^Composable Prompt 'text': .*\[-100, 100\]"):
-            run_node(ComposablePrompt, toy["clip"], text, 1.0)
-    assert run_node(ComposablePrompt, toy["clip"], "a red circle :100 AND NOT green :100", 1.0)[0]
+            run_node(ComposablePrompt, toy.clip, text, 1.0)
+    assert run_node(ComposablePrompt, toy.clip, "a red circle :100 AND NOT green :100", 1.0)[0]
     with pytest.raises(ValueError, match=r"^Composable Prompt: 'weight'"):
-        run_node(ComposablePrompt, toy["clip"], "a red circle", 1000.0)
+        run_node(ComposablePrompt, toy.clip, "a red circle", 1000.0)
 
 
 def test_composable_concept_count_is_bounded_before_encoding(toy, monkeypatch):
@@ -145,19 +132,19 @@ def test_composable_concept_count_is_bounded_before_encoding(toy, monkeypatch):
     from guidance_kit.samplers.composable import MAX_CONCEPTS
 
     encoded = []
-    clip = toy["clip"]
+    clip = toy.clip
     monkeypatch.setattr(clip, "encode_from_tokens_scheduled", lambda tokens: encoded.append(tokens) or [])
     for count in (MAX_CONCEPTS + 1, 1250):
         with pytest.raises(ValueError, match=rf"^Composable Prompt 'text': {count} concepts, at most {MAX_CONCEPTS}"):
             run_node(ComposablePrompt, clip, " AND ".join(["a red circle"] * count), 1.0)
     assert encoded == []
     monkeypatch.undo()
-    assert len(run_node(ComposablePrompt, toy["clip"], " AND ".join(["a red circle"] * MAX_CONCEPTS), 1.0)[0]) == 64
+    assert len(run_node(ComposablePrompt, toy.clip, " AND ".join(["a red circle"] * MAX_CONCEPTS), 1.0)[0]) == 64
     composition = None
     for _ in range(MAX_CONCEPTS):
-        composition = run_node(ComposableConcept, toy["positive"], 1.0, composition)[0]
+        composition = run_node(ComposableConcept, toy.positive, 1.0, composition)[0]
     with pytest.raises(ValueError, match=r"^Composable Concept: 'composition' already holds 64 concepts"):
-        run_node(ComposableConcept, toy["positive"], 1.0, composition)
+        run_node(ComposableConcept, toy.positive, 1.0, composition)
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -188,13 +175,13 @@ def bad_calibration_files(valid: bytes) -> dict[str, bytes]:
     }
 
 
-def test_bad_calibration_files_through_linear_ag_load_name_the_node_input_and_file(world, linear_ag_folder):
+def test_bad_calibration_files_through_linear_ag_load_name_the_node_input_and_file(toy, linear_ag_folder):
     """Found: corrupt, truncated or random-bytes files surfaced raw safetensors messages without the
     file's name; metadata that is not JSON a bare JSONDecodeError."""
     from guidance_kit.nodes.linear_ag import LinearAGLoad
 
     good = linear_ag_folder / "good.safetensors"
-    world.calibration.save(good)
+    toy.calibration.save(good)
     for label, data in bad_calibration_files(good.read_bytes()).items():
         name = label.replace(" ", "_").replace("(", "").replace(")", "") + ".safetensors"
         _write(linear_ag_folder / name, data)
@@ -202,7 +189,7 @@ def test_bad_calibration_files_through_linear_ag_load_name_the_node_input_and_fi
             run_node(LinearAGLoad, name)
         assert name in str(error.value), (label, str(error.value))
         assert "Traceback" not in str(error.value) and len(str(error.value)) < 600, label
-    assert torch.equal(run_node(LinearAGLoad, "good.safetensors")[0].coefficients, world.calibration.coefficients)
+    assert torch.equal(run_node(LinearAGLoad, "good.safetensors")[0].coefficients, toy.calibration.coefficients)
 
 
 @pytest.mark.parametrize("case", ["too long", "a directory", "the shipped name"])
@@ -250,13 +237,13 @@ def test_a_symlink_at_the_save_path_is_replaced_not_followed(toy, linear_ag_fold
     assert files_under(linear_ag_folder) == ["linked.safetensors"]  # no temporary file left
 
 
-def test_calibration_used_at_another_cfg_warns(world, caplog):
+def test_calibration_used_at_another_cfg_warns(toy, caplog):
     """Found: a calibration made at cfg 4 used at cfg 8 gave no warning (cfg is in its metadata)."""
     from guidance_kit.nodes.contract.stats import stats_sink
     from guidance_kit.nodes.linear_ag import LinearAGGuider
 
     def run(cfg):
-        guider = run_node(LinearAGGuider, world.model, world.positive, world.negative, cfg, linear_ag=world.calibration,
+        guider = run_node(LinearAGGuider, toy.model, toy.positive, toy.negative, cfg, linear_ag=toy.calibration,
                                         true_every=2, guided_until=0.7)[0]
         caplog.clear()
         with caplog.at_level(logging.WARNING):
@@ -270,48 +257,48 @@ def test_calibration_used_at_another_cfg_warns(world, caplog):
     assert any("calibration made at cfg" in text for _, text in last.events)
 
 
-def test_nan_latent_is_an_error_naming_the_node_not_a_black_image(world):
+def test_nan_latent_is_an_error_naming_the_node_not_a_black_image(toy):
     for row in TABLE:
         nan = {"samples": latent(2)["samples"].clone()}
         nan["samples"][0, 0, 0, 0] = math.nan
         with pytest.raises(ValueError, match=named(row.node) + ": the sampler's 'latent_image' holds NaN"):
-            counted_sample(guider_of(row, world, world.model), nan, steps=2, scheduler="simple")
+            counted_sample(guider_of(row, toy, toy.model), nan, steps=2, scheduler="simple")
 
 
-def test_nan_cfg_is_an_error_naming_the_node_and_cfg_not_a_black_image(world):
+def test_nan_cfg_is_an_error_naming_the_node_and_cfg_not_a_black_image(toy):
     """KSampler at cfg NaN over a pack patch sampled a black image "successfully" (and failed inside Run Stats)."""
     for row in TABLE:
         if not row.guider:
             with pytest.raises(ValueError, match=named(row.node) + ": the sampler's 'cfg' is nan"):
-                ksample(row.build(world, world.model), row.positive(world), world.negative, latent(1),
+                ksample(row.build(toy, toy.model), row.positive(toy), toy.negative, latent(1),
                         cfg=math.nan, steps=2, scheduler="simple")
 
 
-def test_a_mask_batch_that_does_not_fit_the_latent_is_an_error_naming_the_conditioning(world):
+def test_a_mask_batch_that_does_not_fit_the_latent_is_an_error_naming_the_conditioning(toy):
     """A batch-2 mask with a batch-3 latent failed deep in sampling with ComfyUI's raw size error."""
     mask = torch.ones(2, 32, 32)
-    masked = dataclasses.replace(world, positive=[[t, {**o, "mask": mask}] for t, o in world.positive],
-                                 composition=[[t, {**o, "mask": mask}] for t, o in world.composition])
+    masked = dataclasses.replace(toy, positive=[[t, {**o, "mask": mask}] for t, o in toy.positive],
+                                 composition=[[t, {**o, "mask": mask}] for t, o in toy.composition])
     for row in TABLE:
         with pytest.raises(ValueError, match=named(row.node) + ": the 'positive' conditioning's mask has a batch "
                                                                "of 2, which does not divide the latent batch of 3"):
-            counted_sample(guider_of(row, masked, world.model), latent(3), steps=2, scheduler="simple")
-    fitting = counted_sample(guider_of(TABLE[0], masked, world.model), latent(4), steps=2, scheduler="simple")
+            counted_sample(guider_of(row, masked, toy.model), latent(3), steps=2, scheduler="simple")
+    fitting = counted_sample(guider_of(TABLE[0], masked, toy.model), latent(4), steps=2, scheduler="simple")
     assert fitting.shape[0] == 4
 
 
-def test_gfcg_warns_when_its_prompt_is_not_the_positive(world, caplog):
+def test_gfcg_warns_when_its_prompt_is_not_the_positive(toy, caplog):
     """GFCG's reference prompts are edits of its 'prompt'; a positive encoded from other words (blue where the
     prompt says red) used to pass without a word."""
     from guidance_kit.nodes.gfcg import GFCGModelPatch
 
-    options = test_contract._gfcg_options(world, weak=False)
-    patched = run_node(GFCGModelPatch, world.model, **options)[0]
-    blue = run_node(nodes.CLIPTextEncode, world.clip, "a blue circle on the left")[0]
-    for positive, warned in ((world.positive, False), (blue, True)):
+    options = _gfcg_options(toy, weak=False)
+    patched = run_node(GFCGModelPatch, toy.model, **options)[0]
+    blue = run_node(nodes.CLIPTextEncode, toy.clip, "a blue circle on the left")[0]
+    for positive, warned in ((toy.positive, False), (blue, True)):
         caplog.clear()
         with caplog.at_level(logging.WARNING):
-            counted_sample(cfg_guider(patched, positive, world.negative, CFG), latent(1), steps=2, scheduler="simple")
+            counted_sample(cfg_guider(patched, positive, toy.negative, CFG), latent(1), steps=2, scheduler="simple")
         assert any("GFCG: 'prompt' is not the text of the positive conditioning" in r.message
                    for r in caplog.records) == warned
 
@@ -328,19 +315,19 @@ def run_settings(guider, setting, seed=0):
 
 
 @pytest.mark.parametrize("row", TABLE, ids=ids)
-def test_back_to_back_runs_equal_fresh_runs(world, row):
+def test_back_to_back_runs_equal_fresh_runs(toy, row):
     """One GUIDER (or patched MODEL) through step counts, samplers (single- and multi-evaluation,
     ancestral), schedulers and batch sizes back to back: every run bit-identical to a fresh one."""
-    guider = guider_of(row, world, world.model)
+    guider = guider_of(row, toy, toy.model)
     back_to_back = [run_settings(guider, setting) for setting in SETTINGS]
     for setting, got in zip(SETTINGS, back_to_back):
         assert torch.isfinite(got).all()
-        assert torch.equal(got, run_settings(guider_of(row, world, world.model), setting)), setting
+        assert torch.equal(got, run_settings(guider_of(row, toy, toy.model), setting)), setting
     assert torch.equal(back_to_back[0], back_to_back[-1])
 
 
 @pytest.mark.parametrize("row", TABLE, ids=ids)
-def test_separate_cond_and_uncond_calls_equal_the_batched_path(world, row, monkeypatch):
+def test_separate_cond_and_uncond_calls_equal_the_batched_path(toy, row, monkeypatch):
     """Low memory: with (almost) no free memory ComfyUI evaluates every cond list in its own model
     call; every technique gives the batched result within float tolerance."""
     largest = []
@@ -350,10 +337,10 @@ def test_separate_cond_and_uncond_calls_equal_the_batched_path(world, row, monke
         return executor(x, *args, **kwargs)
 
     def run():
-        model = world.model.clone()
+        model = toy.model.clone()
         model.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "test.count", count)
         largest.clear()
-        samples = run_settings(guider_of(row, world, model), (3, "euler", "simple", 2))
+        samples = run_settings(guider_of(row, toy, model), (3, "euler", "simple", 2))
         return samples, max(largest)
 
     batched, batched_rows = run()
@@ -394,11 +381,11 @@ def pack_node_classes():
     return node_classes()
 
 
-def valid_inputs(schema, world, toy) -> dict:
+def valid_inputs(schema, toy) -> dict:
     """Working values of every required input of a node (an unknown type fails, naming what to add)."""
-    by_type = {"MODEL": world.model, "CONDITIONING": world.positive, "CLIP": toy["clip"], "LATENT": latent(1),
-               "GUIDANCE_KIT_LINEAR_AG": world.calibration, "GUIDANCE_KIT_CLASSIFIER": world.classifier,
-               "GUIDANCE_KIT_DEEDIFF_HEADS": world.heads}
+    by_type = {"MODEL": toy.model, "CONDITIONING": toy.positive, "CLIP": toy.clip, "LATENT": latent(1),
+               "GUIDANCE_KIT_LINEAR_AG": toy.calibration, "GUIDANCE_KIT_CLASSIFIER": toy.classifier,
+               "GUIDANCE_KIT_DEEDIFF_HEADS": toy.heads}
     values = {}
     for spec in schema.inputs:
         if spec.optional:
@@ -446,10 +433,10 @@ def out_of_range(node_id: str, spec) -> st.SearchStrategy:
 
 
 @pytest.mark.parametrize("cls, spec", NUMERIC, ids=[f"{c.__name__}.{s.id}" for c, s in NUMERIC])
-def test_every_numeric_input_rejects_bad_numbers_naming_node_and_input(world, toy, linear_ag_folder,
+def test_every_numeric_input_rejects_bad_numbers_naming_node_and_input(toy, linear_ag_folder,
                                                                        no_calibration_run, cls, spec):
     schema = cls.define_schema()
-    inputs = valid_inputs(schema, world, toy)
+    inputs = valid_inputs(schema, toy)
 
     @given(value=out_of_range(schema.node_id, spec))
     def check(value):
@@ -510,14 +497,14 @@ def test_loaders_refuse_paths_outside_their_folders():
 
 
 @pytest.fixture(scope="module")
-def valid_calibration_bytes(world, tmp_path_factory):
+def valid_calibration_bytes(toy, tmp_path_factory):
     path = tmp_path_factory.mktemp("calibration") / "valid.safetensors"
-    world.calibration.save(path)
+    toy.calibration.save(path)
     return path.read_bytes()
 
 
 @given(data=st.data())
-def test_damaged_calibration_files_load_or_fail_naming_node_input_and_file(world, linear_ag_folder,
+def test_damaged_calibration_files_load_or_fail_naming_node_input_and_file(toy, linear_ag_folder,
                                                                           valid_calibration_bytes, data):
     """Random truncations, byte flips and random bytes: LinearAG Load either reads a finite calibration
     or raises a ValueError naming the node, the input and the file; never anything else."""
@@ -556,7 +543,7 @@ def test_composable_prompt_text_gives_a_bounded_composition_or_an_error_naming_i
 
     text = " ".join(words)
     try:
-        composition = run_node(ComposablePrompt, toy["clip"], text, weight)[0]
+        composition = run_node(ComposablePrompt, toy.clip, text, weight)[0]
     except ValueError as error:
         assert str(error).startswith("Composable Prompt"), str(error)
         return
@@ -566,40 +553,40 @@ def test_composable_prompt_text_gives_a_bounded_composition_or_an_error_naming_i
 
 
 @pytest.mark.parametrize("row", TABLE, ids=ids)
-def test_empty_conditioning_is_an_error_not_a_wrong_image(world, row):
+def test_empty_conditioning_is_an_error_not_a_wrong_image(toy, row):
     """Empty positive or negative lists (no entries) gave out-of-range images on every node."""
-    for positive, negative, name in (([], world.negative, "positive|composition"), (world.positive, [], "negative")):
-        emptied = dataclasses.replace(world, positive=positive, composition=positive if not positive else
-                                      world.composition, negative=negative)
+    for positive, negative, name in (([], toy.negative, "positive|composition"), (toy.positive, [], "negative")):
+        emptied = dataclasses.replace(toy, positive=positive, composition=positive if not positive else
+                                      toy.composition, negative=negative)
         with pytest.raises(ValueError, match=named(row.node) + rf".*'({name})'.* (empty|no concepts)"):
-            run_settings(guider_of(row, emptied, world.model), (2, "euler", "simple", 1))
+            run_settings(guider_of(row, emptied, toy.model), (2, "euler", "simple", 1))
 
 
 @pytest.mark.parametrize("row", TABLE, ids=ids)
-def test_conditioning_batch_other_than_the_latent_batch_samples_like_comfyui(world, row):
+def test_conditioning_batch_other_than_the_latent_batch_samples_like_comfyui(toy, row):
     """A batch-2 conditioning with a batch-3 latent: ComfyUI repeats conds to the latent's batch; every
     node gives a finite image of the latent's batch, and the reference equals stock CFG."""
     def doubled(conditioning):
         return [[torch.cat([tensor, 0.5 * tensor]), options] for tensor, options in conditioning]
 
-    mismatched = dataclasses.replace(world, positive=doubled(world.positive), composition=doubled(world.composition),
-                                     negative=doubled(world.negative))
-    got = run_settings(guider_of(row, mismatched, world.model), (3, "euler", "simple", 3))
+    mismatched = dataclasses.replace(toy, positive=doubled(toy.positive), composition=doubled(toy.composition),
+                                     negative=doubled(toy.negative))
+    got = run_settings(guider_of(row, mismatched, toy.model), (3, "euler", "simple", 3))
     assert got.shape[0] == 3 and torch.isfinite(got).all() and float(got.abs().max()) < 10
     if row.plain_cfg:
-        stock = cfg_guider(world.model, mismatched.positive, mismatched.negative, CFG)
+        stock = cfg_guider(toy.model, mismatched.positive, mismatched.negative, CFG)
         assert torch.equal(got, run_settings(stock, (3, "euler", "simple", 3)))
 
 
 @pytest.mark.parametrize("row", TABLE, ids=ids)
-def test_every_model_family_samples_or_is_refused_naming_the_node(world, tiny, row):
+def test_every_model_family_samples_or_is_refused_naming_the_node(toy, tiny, row):
     """eps, SDXL (adm), v-prediction and flow MMDiT models: a finite image where the row samples, and the row's
     declared ``other_family_error`` naming the node elsewhere (inputs made for the toy model, e.g. a calibration,
     on another family); a row that refuses where it should sample, or samples where it should refuse, fails."""
     from guidance_kit.nodes.composable import mark_concept
 
     composition = mark_concept(tiny.positive, 1.0) + mark_concept(tiny.negative, -0.5)
-    other = dataclasses.replace(world, model=tiny.patcher, positive=tiny.positive, composition=composition,
+    other = dataclasses.replace(toy, model=tiny.patcher, positive=tiny.positive, composition=composition,
                                 negative=tiny.negative)
     if row.other_family_error is not None and tiny.family not in row.samples_on:
         with pytest.raises((ValueError, RuntimeError), match=named(row.node) + ":? " + row.other_family_error):
@@ -651,7 +638,7 @@ def test_classifier_loaders_refuse_bad_files_and_inputs_naming_them(tmp_path, mo
     with pytest.raises(ValueError, match=r"Load Classifier 'classifier' \(broken.safetensors\).*broken.safetensors"):
         run_node(LoadClassifier, "broken.safetensors", "auto")
     with pytest.raises(ValueError, match="Load Classifier: pixel_source 'vae' needs the 'vae' input"):
-        run_node(LoadClassifier, "toy_classifier.safetensors (toy world)", "vae")
+        run_node(LoadClassifier, "toy_classifier.safetensors (toy toy)", "vae")
     with pytest.raises(ValueError, match="CLIP Zero-Shot Classifier 'classes'"):
         run_node(ClipZeroShotClassifier, None, None, "colour: red", "{}", "auto")
     with pytest.raises(ValueError, match="CLIP Zero-Shot Classifier 'template'"):
@@ -677,7 +664,7 @@ def reached_source(reference: str) -> str:
 
 
 def test_every_pack_node_is_covered():
-    """A node is a row of test_contract.TABLE (every table-driven test here runs on it) or is listed in
+    """A node is a row of technique_table.TABLE (every table-driven test here runs on it) or is listed in
     NON_TECHNIQUE_NODES with a test that runs it (its class is named in that test or what the test uses);
     a new node that is neither fails here."""
     table = {row.node for row in TABLE}
@@ -689,15 +676,15 @@ def test_every_pack_node_is_covered():
                 f"{NON_TECHNIQUE_NODES[schema.node_id]} does not run {cls.__name__}"
         elif not named_set(schema.display_name) & table:
             uncovered.append(schema.display_name)
-    assert not uncovered, f"add a row to test_contract.TABLE (or NON_TECHNIQUE_NODES) for {uncovered}"
+    assert not uncovered, f"add a row to technique_table.TABLE (or NON_TECHNIQUE_NODES) for {uncovered}"
     FIGURES["nodes covered"] = len(pack_node_classes())
     FIGURES["table rows"] = len(TABLE)
 
 
-def test_run_stats_without_a_technique_source_names_the_input(world):
+def test_run_stats_without_a_technique_source_names_the_input(toy):
     from guidance_kit.nodes.run_stats_node import RunStatsNode
 
-    for source in (world.model, cfg_guider(world.model, world.positive, world.negative, CFG)):
+    for source in (toy.model, cfg_guider(toy.model, toy.positive, toy.negative, CFG)):
         with pytest.raises(ValueError, match=r"^Run Stats: 'source' carries no Guidance Kit stats"):
             run_node(RunStatsNode, source, latent(1))
 

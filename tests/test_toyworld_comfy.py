@@ -1,7 +1,5 @@
 """The toy world as real ComfyUI objects: stock nodes, block replacement, wrappers, guidance that matters."""
-import functools
 
-import pytest
 import torch
 
 import comfy.model_base
@@ -13,15 +11,6 @@ from harness.executor import run_node
 from harness.sampling import cfg_guider, ksample, sample_guider
 
 
-@pytest.fixture(scope="module")
-def toy():
-    from guidance_kit.nodes.toyworld import ToyWorldLoader
-
-    model, clip, vae = run_node(ToyWorldLoader, "toy_dit.safetensors")
-    encode = functools.partial(run_node, nodes.CLIPTextEncode)
-    return model, clip, vae, encode(clip, "a red circle on the left")[0], encode(clip, "")[0]
-
-
 def empty_latent(batch):
     from guidance_kit.nodes.toyworld import ToyWorldEmptyLatent
 
@@ -29,7 +18,7 @@ def empty_latent(batch):
 
 
 def test_model_is_a_flow_matching_base_model(toy):
-    model = toy[0]
+    model = toy.model
     sampling = model.get_model_object("model_sampling")
     assert isinstance(model.model, comfy.model_base.BaseModel)
     assert isinstance(sampling, comfy.model_sampling.ModelSamplingDiscreteFlow)
@@ -39,7 +28,7 @@ def test_model_is_a_flow_matching_base_model(toy):
 
 
 def test_stock_clip_text_encode(toy):
-    _, clip, _, positive, negative = toy
+    clip, positive, negative = toy.clip, toy.positive, toy.negative
     assert positive[0][0].shape == (1, 16, 128)
     assert not torch.equal(positive[0][0], negative[0][0])
     again = run_node(nodes.CLIPTextEncode, clip, "A red circle on the left")[0]
@@ -47,7 +36,7 @@ def test_stock_clip_text_encode(toy):
 
 
 def test_ksampler_and_custom_advanced_agree(toy):
-    model, _, _, positive, negative = toy
+    model, positive, negative = toy.model, toy.positive, toy.negative
     via_ksampler = ksample(model, positive, negative, empty_latent(2), cfg=4.0, steps=6, scheduler="simple", seed=5)
     via_guider = sample_guider(cfg_guider(model, positive, negative, 4.0), empty_latent(2), steps=6,
                                scheduler="simple", seed=5)
@@ -55,7 +44,7 @@ def test_ksampler_and_custom_advanced_agree(toy):
 
 
 def test_pixel_space_vae_round_trip(toy):
-    vae = toy[2]
+    vae = toy.vae
     latent = torch.rand(2, 3, 32, 32) * 2 - 1
     images = run_node(nodes.VAEDecode, vae, {"samples": latent})[0]
     assert images.shape == (2, 32, 32, 3) and 0 <= images.min() and images.max() <= 1
@@ -64,7 +53,7 @@ def test_pixel_space_vae_round_trip(toy):
 
 
 def test_block_replacement_uses_comfyui_patches_replace(toy):
-    model, _, _, positive, negative = toy
+    model, positive, negative = toy.model, toy.positive, toy.negative
     reference = ksample(model, positive, negative, empty_latent(1), cfg=4.0, steps=4, scheduler="simple")
     calls = []
 
@@ -88,7 +77,7 @@ def test_block_replacement_uses_comfyui_patches_replace(toy):
 
 
 def test_diffusion_model_wrappers_run(toy):
-    model, _, _, positive, negative = toy
+    model, positive, negative = toy.model, toy.positive, toy.negative
     seen = []
 
     def wrapper(executor, x, *args, **kwargs):
@@ -104,7 +93,7 @@ def test_diffusion_model_wrappers_run(toy):
 def test_guidance_matters_on_dev_single_prompts(toy):
     from guidance_kit.toyworld import oracle, scenes
 
-    model, clip, vae, _, negative = toy
+    model, clip, vae, negative = toy.model, toy.clip, toy.vae, toy.negative
     singles = [(p, s) for p, s in scenes.dev_prompts() if s["kind"] == "single"][:6]
 
     def pass_rate(cfg):
@@ -130,6 +119,6 @@ def test_shipped_linear_ag_calibration_belongs_to_the_committed_model(toy):
     name = "toy_dit_euler_simple_20_cfg4.safetensors"
     assert name in calibration_files()
     calibration = run_node(LinearAGLoad, name)[0]
-    assert calibration.info["model"] == model_identity(toy[0])
+    assert calibration.info["model"] == model_identity(toy.model)
     info = calibration.info
     assert (info["sampler"], info["scheduler"], info["steps"]) == ("euler", "simple", 20)

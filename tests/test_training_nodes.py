@@ -13,7 +13,6 @@ import torch
 import comfy.model_management
 import comfy.samplers
 import folder_paths
-import nodes
 
 from harness.executor import run_node
 
@@ -24,16 +23,6 @@ WRITERS = {  # folder: (node display name in errors, shipped artifact's stem)
     "ppap": ("PPAP Train Experts", "toy_ppap_experts"),
     "linear_ag": ("LinearAG Calibrate", "toy_dit_euler_simple_20_cfg4"),
 }
-
-
-@pytest.fixture(scope="module")
-def toy():
-    from guidance_kit.nodes.classifier import TOY_CHOICE, LoadClassifier
-    from guidance_kit.nodes.toyworld import ToyWorldLoader
-
-    model, clip, _ = run_node(ToyWorldLoader, "toy_dit.safetensors")
-    return {"model": model, "clip": clip, "empty": run_node(nodes.CLIPTextEncode, clip, "")[0],
-            "classifier": run_node(LoadClassifier, TOY_CHOICE, "auto")[0]}
 
 
 def latent(batch: int) -> dict:
@@ -85,15 +74,15 @@ def writer(folder: str):
 
 def tiny_inputs(folder: str, toy, filename: str, **overrides) -> dict:
     """Inputs of a training node that train in a few seconds on the toy world."""
-    common = {"model": toy["model"], "sampler_name": "euler", "scheduler": "simple", "seed": 0, "filename": filename}
+    common = {"model": toy.model, "sampler_name": "euler", "scheduler": "simple", "seed": 0, "filename": filename}
     inputs = {
-        "deediff": dict(clip=toy["clip"], prompts="a red circle on the left", negative_prompt="", latent=latent(2),
+        "deediff": dict(clip=toy.clip, prompts="a red circle on the left", negative_prompt="", latent=latent(2),
                         sample_steps=4, cfg=4.0, denoise=1.0, train_steps=20, training_rows=64, batch_size=16,
                         learning_rate=3e-3, head_hidden=0),
-        "ppap": dict(positive=toy["empty"], negative=toy["empty"], cfg=1.0, classifier=toy["classifier"],
+        "ppap": dict(positive=toy.negative, negative=toy.negative, cfg=1.0, classifier=toy.classifier,
                      latent=latent(4), images=4, sample_steps=2, experts=1, steps_per_expert=2, batch_size=4,
                      learning_rate=1e-3, lora_rank=2),
-        "linear_ag": dict(clip=toy["clip"], prompts="a red circle\na blue square", negative_prompt="",
+        "linear_ag": dict(clip=toy.clip, prompts="a red circle\na blue square", negative_prompt="",
                           latent=latent(1), steps=4, cfg=4.0),
     }[folder]
     return {**common, **inputs, **overrides}
@@ -113,7 +102,7 @@ def load_written(folder: str, name: str, toy):
         return run_node(DeeDiffLoad, name)[0]
     if folder == "linear_ag":
         return run_node(LinearAGLoad, name)[0]
-    return run_node(PPAPModelPatch, toy["model"], toy["classifier"], name, "colour: red", 7.5)[0]
+    return run_node(PPAPModelPatch, toy.model, toy.classifier, name, "colour: red", 7.5)[0]
 
 
 @pytest.mark.parametrize("folder", list(WRITERS))
@@ -176,7 +165,7 @@ def test_memory_is_checked_again_with_the_model_calls_the_sampler_makes(toy, use
     from guidance_kit.nodes.contract.training_guard import BUDGET_FRACTION
 
     inputs = tiny_inputs(folder, toy, "heun", sampler_name="heun", prompts="a red circle\na blue square\na circle")
-    model, steps = toy["model"], inputs.get("sample_steps", inputs.get("steps"))
+    model, steps = toy.model, inputs.get("sample_steps", inputs.get("steps"))
     calls = 2 * steps - 1  # heun's last step is an Euler step
 
     def total(evaluations):
@@ -185,7 +174,7 @@ def test_memory_is_checked_again_with_the_model_calls_the_sampler_makes(toy, use
                                                                      evaluations=evaluations))
         arch = deediff.architecture(model, "test")
         return sum(need.bytes for need in deediff.memory_needs(
-            model, arch, inputs["latent"], toy["empty"], runs=3, rows_per_run=evaluations * 2 * 2,
+            model, arch, inputs["latent"], toy.negative, runs=3, rows_per_run=evaluations * 2 * 2,
             training_rows=inputs["training_rows"], batch_size=inputs["batch_size"], hidden=0))
 
     budget = (total(steps) + total(calls)) / 2
@@ -236,7 +225,7 @@ def load_shipped(loader: str, name: str, toy):
 
     calls = {"LinearAG Load Calibration": lambda: run_node(LinearAGLoad, name),
              "DeeDiff Load Heads": lambda: run_node(DeeDiffLoad, name),
-             "PPAP experts": lambda: run_node(PPAPModelPatch, toy["model"], toy["classifier"], name, "colour: red",
+             "PPAP experts": lambda: run_node(PPAPModelPatch, toy.model, toy.classifier, name, "colour: red",
                                               7.5),
              "Load Toy World Model": lambda: run_node(ToyWorldLoader, name),
              "Load Classifier": lambda: run_node(LoadClassifier, name, "auto")}

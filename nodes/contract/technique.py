@@ -15,9 +15,9 @@
 * whatever ``technique.patch(patched, key)`` adds (block replacements, post-CFG functions: plain functions or
   closures, never bound methods, since every clone deep-copies ``model_options``).
 
-Installing a technique over an earlier installation of the same class replaces it, or combines with it
-(``Technique.stacked_on``).  docs/contract.md explains the design, including why the slot and not the keyed
-CALC_COND_BATCH wrapper chain.
+Installing a technique over an earlier installation of the same class replaces it (a slot technique on top
+of the slot; another when its ``unpatch`` removes its hooks), or combines with it (``Technique.stacked_on``).
+docs/contract.md explains the design, including why the slot and not the keyed CALC_COND_BATCH wrapper chain.
 """
 import types
 import uuid
@@ -33,6 +33,7 @@ from .host import sampler_cfg
 from .stats import attach_run_stats, current_run
 
 SLOT = "sampler_calc_cond_batch_function"
+INSTALLATIONS = "guidance_kit.installations"  # attachment: technique class -> (technique, key) of its last install
 
 
 class Technique:
@@ -41,13 +42,14 @@ class Technique:
     name = "CFG"        # label of its run summaries ("AG: 20 steps, ...")
     node = "Guidance Kit"  # display name of its node, for error messages
     needs_uncond = True  # evaluations without an unconditional (cfg 1) pass through untouched
+    uses_slot = False    # True: ``evaluate`` takes ComfyUI's calc-cond-batch slot
 
     def start_run(self, guider, sigmas: torch.Tensor, sampler):
         """Fresh per-run state, created when a sampling run starts."""
         return None
 
     def evaluate(self, state, evaluator: "CondEvaluator", run) -> list:
-        """One evaluation in the calc-cond-batch slot: return ``[cond, uncond]`` predictions."""
+        """One evaluation in the calc-cond-batch slot (``uses_slot``): return ``[cond, uncond]`` predictions."""
         raise NotImplementedError
 
     def patch(self, patched, key: str) -> None:
@@ -58,9 +60,10 @@ class Technique:
         by default this one replaces it; a technique whose parts combine returns the combination."""
         return self
 
-
-def evaluates(technique: Technique) -> bool:
-    return type(technique).evaluate is not Technique.evaluate
+    def unpatch(self, patched, key: str) -> bool:
+        """Remove what ``patch`` installed under ``key`` so a later installation replaces this one (True), or
+        leave it (False: both act, e.g. two PPAP targets).  Slot techniques are unchained by the contract."""
+        return False
 
 
 @dataclass
@@ -87,18 +90,24 @@ def _chains(function, key: str) -> bool:
 def install(model, technique: Technique, node_id: str | None = None):
     """A clone of ``model`` with ``technique`` installed as described in the module docstring."""
     patched = model.clone()
-    uses_slot = evaluates(technique)
+    uses_slot = technique.uses_slot
     previous = patched.model_options.get(SLOT)
-    if uses_slot and isinstance(getattr(previous, "technique", None), type(technique)):
+    earlier = patched.get_attachment(INSTALLATIONS) or {}
+    earlier_technique, earlier_key = earlier.get(type(technique), (None, None))
+    on_top = previous is not None and getattr(previous, "key", None) == earlier_key
+    if earlier_key is not None and ((uses_slot and on_top) or (not uses_slot and
+                                                               earlier_technique.unpatch(patched, earlier_key))):
         # the same technique again replaces the earlier installation, or combines with it (``stacked_on``);
         # what the earlier one chained stays chained
-        technique = technique.stacked_on(previous.technique)
+        technique = technique.stacked_on(earlier_technique)
         for wrapper_type in (WrappersMP.OUTER_SAMPLE, WrappersMP.PREDICT_NOISE):
-            patched.remove_wrappers_with_key(wrapper_type, previous.key)
-        patched.remove_additional_models(previous.key)
-        previous = previous.previous
+            patched.remove_wrappers_with_key(wrapper_type, earlier_key)
+        patched.remove_additional_models(earlier_key)
+        if uses_slot:
+            previous = previous.previous
     attach_run_stats(patched, technique.name, node_id)
     key = f"guidance_kit.{technique.name}.{uuid.uuid4().hex[:8]}"
+    patched.set_attachments(INSTALLATIONS, {**earlier, type(technique): (technique, key)})  # a new dict per clone
 
     def outer_sample(executor, *args, **kwargs):
         guider = executor.class_obj
