@@ -144,14 +144,15 @@ ALTERABLE = {"single": ("colour", "shape", "texture", "size", "position"),
 "relation" is its setting)."""
 
 
-def alter_spec(spec, fact, rng):
-    """A copy of ``spec`` that differs in exactly one prompt fact (one object's colour, shape or texture;
-    the size, position, relation or setting; or, for "binding", the colours of two objects swapped)."""
+def alter_spec(spec, fact, rng, target=None):
+    """A copy of ``spec`` that differs in exactly one prompt fact (one object's colour, shape or texture,
+    that of object ``target`` when given; the size, position, relation or setting; or, for "binding",
+    the colours of two objects swapped)."""
     if fact not in ALTERABLE[spec["kind"]]:
         raise ValueError(f"alter_spec: 'fact' {fact!r} is not alterable in a {spec['kind']} spec")
     spec = copy.deepcopy(spec)
     objects = spec["objects"]
-    target = objects[int(rng.integers(len(objects)))]
+    target = objects[int(rng.integers(len(objects))) if target is None else target]
     if fact == "colour":
         target["colour"] = _pick(rng, [c for c in COLOURS if c not in {o["colour"] for o in objects}])
     elif fact in ("shape", "texture", "size", "position"):
