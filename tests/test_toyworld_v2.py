@@ -105,6 +105,18 @@ def test_oracle_rejects_prompts_with_one_fact_changed(generated, kind):
         assert np.mean(passes) <= 0.05, f"{kind}: {fact} changed still passes {np.mean(passes):.2f}"
 
 
+def test_oracle_tells_support_from_a_gap():
+    """The physical relation: "on" needs contact, "above" a visible gap, on the same two objects."""
+    rng = np.random.default_rng(13)
+    for relation, other in (("on", "above"), ("above", "on")):
+        for _ in range(25):
+            spec = {**scenes.sample_spec(rng, "relation"), "relation": relation}
+            spec["objects"] = spec["objects"][:2]
+            image = scenes.render(spec, rng)
+            assert oracle.judge(image, spec)["relation"]
+            assert not oracle.judge(image, {**spec, "relation": other})["relation"]
+
+
 def test_oracle_rejects_swapped_prompts_and_noise(generated):
     rng = np.random.default_rng(7)
     for kind, pool in generated.items():
