@@ -316,6 +316,17 @@ def test_interrupted_run_resumes_to_the_uninterrupted_weights(tmp_path):
         train.main(train_args(tmp_path / "b", "--stage", "classifier", "--steps", "5"))
 
 
+def test_time_limit_stops_a_stage_and_the_same_command_resumes(tmp_path, capsys):
+    command = train_args(tmp_path, "--stage", "classifier", "--steps", "3")
+    train.main([*command, "--time-limit", "0"])
+    stopped = last_json(capsys)
+    assert not stopped["complete"] and stopped["results"]["classifier"]["step"] == 1
+    assert weights.load("classifier", tmp_path / "out")[1]["steps"] == "1"  # interim weights exported
+    train.main(command)
+    finished = last_json(capsys)
+    assert finished["complete"] and finished["results"]["classifier"]["step"] == 3
+
+
 def test_training_batches_depend_only_on_seed_stage_and_step():
     batches = train.StepBatches(0, "dit", 6, train.DATA_MIX)
     first, again = batches[7], batches[7]

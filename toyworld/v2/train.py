@@ -33,6 +33,9 @@ Everything else:
   configuration as metadata) every ``CHECKPOINT_EVERY`` steps and at the end, written atomically;
   a checkpoint of another schedule or configuration is refused; ``train.log`` in ``--work`` holds
   one JSON line per ``--log-every`` steps (loss, learning rate, seconds per step);
+* ``--time-limit S`` stops the running stage after S seconds of the command (checkpointed, interim
+  weights exported) and runs no later stage; the same command resumes (a machine lent for ten
+  minutes at a time finishes the schedule over several calls);
 * ``--priority auto`` raises the process priority (nice -10, when permitted) on the CPU and
   leaves it on CUDA; the CPU run uses every core;
 * final weights: float16 files in ``--out`` (``weights.FILES``); the last line printed is a JSON
@@ -222,8 +225,8 @@ class StageRun:
 
 
 def run_stage(run, loss_fn, args, mix):
-    """Train ``run`` to its step count (or ``--stop-at``); returns the mean loss of the last logging
-    window (None when no step ran)."""
+    """Train ``run`` to its step count (or ``--stop-at``, or until ``--time-limit`` has passed since the
+    command started); returns the mean loss of the last logging window (None when no step ran)."""
     end = run.schedule.steps if args.stop_at is None else min(run.schedule.steps, args.stop_at)
     if run.step >= end:
         return None
@@ -241,6 +244,8 @@ def run_stage(run, loss_fn, args, mix):
             final_loss = float(np.mean(window))
             run.log({"step": run.step, "loss": final_loss, "lr": run.lr(run.step - 1), "s_per_step": seconds})
             window = []
+        if args.deadline is not None and time.time() > args.deadline:
+            break
     if run.step % CHECKPOINT_EVERY:
         run.save()
     return final_loss
@@ -307,8 +312,8 @@ def train_vae(args, schedule):
     ema = run.ema["vae"]
     statistics = latent_statistics(ema, args.seed, args.device, args.statistics_scenes)
     save(args, "vae", "vae", model.VAE, ema, run, {key: json.dumps(value) for key, value in statistics.items()})
-    return {"loss": loss, "reconstruction_pass": reconstruction_pass(ema, args.seed, args.device,
-                                                                     args.evaluation_scenes)}
+    return {"loss": loss, "step": run.step, "reconstruction_pass": reconstruction_pass(ema, args.seed, args.device,
+                                                                                     args.evaluation_scenes)}
 
 
 def contrastive_loss(text_encoder, projection, image_encoder, item, device):
@@ -334,7 +339,7 @@ def train_text(args, schedule):
     loss = run_stage(run, lambda item, g: contrastive_loss(modules["text_encoder"], modules["text_projection"],
                                                            modules["image_encoder"], item, args.device), args, DATA_MIX)
     save(args, "text_encoder", "text_encoder", model.TEXT_ENCODER, run.ema["text_encoder"], run)
-    return {"loss": loss}
+    return {"loss": loss, "step": run.step}
 
 
 def dit_loss(dit, vae, vae_metadata, text_encoder, item, generator, device):
@@ -355,7 +360,7 @@ def train_dit(args, schedule, name="dit", config=model.MAIN_DIT):
     loss = run_stage(run, lambda item, g: dit_loss(dit, vae, vae_metadata, text_encoder, item, g, args.device),
                      args, DATA_MIX)
     save(args, name, "dit", config, run.ema["diffusion_model"], run)
-    return {"loss": loss}
+    return {"loss": loss, "step": run.step}
 
 
 def train_weak(args, schedule):
@@ -384,8 +389,8 @@ def train_classifier(args, schedule):
     loss = run_stage(run, lambda item, g: classifier_loss(classifier, item, g, args.device), args, CLASSIFIER_MIX)
     save(args, "classifier", "image_classifier", model.CLASSIFIER, run.ema["classifier"], run,
          {"labels": json.dumps(model.CLASSIFIER_LABELS)})
-    return {"loss": loss, "accuracy": classifier_accuracy(run.ema["classifier"], args.seed, args.device,
-                                                          args.evaluation_scenes * len(scenes.KINDS))}
+    return {"loss": loss, "step": run.step, "accuracy": classifier_accuracy(
+        run.ema["classifier"], args.seed, args.device, args.evaluation_scenes * len(scenes.KINDS))}
 
 
 def save(args, name, architecture, config, module, run, metadata=None):
@@ -428,10 +433,12 @@ def parse_args(argv):
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--stop-at", type=int, help="train each selected stage only up to this step (resumable) "
                         "and export its weights from the checkpoint's EMA")
+    parser.add_argument("--time-limit", type=float, help="seconds: stop the stage running then (checkpointed, its "
+                        "interim weights exported) and run no later stage; the same command resumes")
     args = parser.parse_args(argv)
     for name in ("steps", "batch", "workers", "threads", "log_every", "stop_at", "statistics_scenes",
-                 "evaluation_scenes"):
-        value, least = getattr(args, name), 0 if name in ("workers", "stop_at") else 1
+                 "evaluation_scenes", "time_limit"):
+        value, least = getattr(args, name), 0 if name in ("workers", "stop_at", "time_limit") else 1
         if value is not None and value < least:
             parser.error(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
     return args
@@ -439,6 +446,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    args.deadline = None if args.time_limit is None else time.time() + args.time_limit
     args.device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                                else "cpu" if args.device == "auto" else args.device)
     if args.workers is None:
@@ -450,14 +458,17 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     Path(args.work).mkdir(parents=True, exist_ok=True)
-    results = {}
+    results, complete = {}, True
     for stage in STAGES if args.stage == "all" else (args.stage,):
         torch.manual_seed(args.seed * 1000 + STAGES.index(stage))
         default = SCHEDULES[stage]
         schedule = Schedule(args.steps or default.steps, args.batch or default.batch, default.lr)
         results[stage] = TRAINERS[stage](args, schedule)
-    sys.stdout.write(json.dumps({"results": results, "out": args.out, "device": str(args.device),
-                                 "nice": niceness}) + "\n")
+        if results[stage]["step"] < (schedule.steps if args.stop_at is None else min(schedule.steps, args.stop_at)):
+            complete = False  # out of time: later stages would train on this stage's interim weights
+            break
+    sys.stdout.write(json.dumps({"results": results, "complete": complete, "out": args.out,
+                                 "device": str(args.device), "nice": niceness}) + "\n")
 
 
 if __name__ == "__main__":
