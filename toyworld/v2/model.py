@@ -8,12 +8,12 @@ blocks and their ``patches_replace["dit"]`` hooks) runs on the family's real cod
   4 layers of width 128 over the grammar's words, ~1.1 M parameters; its token outputs are the
   DiT's context, their mean its pooled vector;
 * main DiT: ``comfy.ldm.flux.model.Flux`` (3 double + 6 single blocks, width 160, patch 2),
-  ~5.2 M parameters; weak DiT for Autoguidance: the same class at width 96, 1 + 3 blocks, ~0.8 M;
+  ~5.3 M parameters; weak DiT for Autoguidance: the same class at width 96, 1 + 3 blocks, ~0.85 M;
 * pixel classifier and the contrastive image encoder (training only): ``ImageClassifier``, a
   small CNN (own code: nothing in ComfyUI fits).
 
-Parameter budget (fp16 on disk, 2 bytes each): VAE 2.6 MB, text encoder 2.1 MB, main DiT 10.4 MB,
-weak DiT 1.6 MB, classifier 1.9 MB: 18.6 MB, leaving 6.4 MB of the 25 MB for the artifacts later
+Parameter budget (fp16 on disk, 2 bytes each): VAE 2.6 MB, text encoder 2.1 MB, main DiT 10.6 MB,
+weak DiT 1.7 MB, classifier 1.8 MB: 18.8 MB, leaving 6.2 MB of the 25 MB for the artifacts later
 sessions re-make (PPAP experts, DeeDiff heads, calibrations).
 
 Construction uses ComfyUI's ``disable_weight_init`` operations (what ComfyUI itself builds, so

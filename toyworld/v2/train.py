@@ -75,8 +75,8 @@ class Schedule:
     lr: float
 
 
-SCHEDULES = {"vae": Schedule(4000, 64, 2e-4), "text": Schedule(3000, 256, 5e-4), "dit": Schedule(12000, 256, 3e-4),
-             "weak": Schedule(3000, 256, 3e-4), "classifier": Schedule(2000, 128, 1e-3)}
+SCHEDULES = {"vae": Schedule(4000, 64, 2e-4), "text": Schedule(3000, 256, 5e-4), "dit": Schedule(10000, 256, 3e-4),
+             "weak": Schedule(2500, 256, 3e-4), "classifier": Schedule(2000, 128, 1e-3)}
 """Per stage: steps, batch size and peak learning rate (scripts/train_toyworld_v2.sh and
 docs/toyworld.md give the reasons and the time these take)."""
 DATA_MIX = {"single": 0.35, "relation": 0.35, "implied": 0.2, "partial": 0.1}
@@ -429,7 +429,7 @@ def parse_args(argv):
     parser.add_argument("--evaluation-scenes", type=int, default=64,
                         help="scenes per kind for the VAE reconstruction check (x3 for the classifier's accuracy)")
     parser.add_argument("--out", default=str(weights.WEIGHTS_DIR), help="directory of the final weight files")
-    parser.add_argument("--work", default=".toyworld-v2-train", help="checkpoint and log directory")
+    parser.add_argument("--work", default=".toyworld-train-v2", help="checkpoint and log directory")
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--stop-at", type=int, help="train each selected stage only up to this step (resumable) "
                         "and export its weights from the checkpoint's EMA")
