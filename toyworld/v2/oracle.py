@@ -128,11 +128,6 @@ def name_indices(image, setting=None):
     return np.where(np.minimum(line_distance, point_distance) <= MAX_COLOUR_DISTANCE, names, _UNNAMED)
 
 
-def colour_names(image, setting=None):
-    """HxW array of reference names ('' where no reference colour is close enough)."""
-    return np.array([*NAMES, ""], dtype=object)[name_indices(to_uint8(image), setting)]
-
-
 def ink_blend_colour(image, shade=1.0):
     """HxW index into COLOURS of the colour whose blend with white ink (both times ``shade``) each pixel
     is (a blurred texture): the nearest such segment within INK_BLEND_DISTANCE, short of its last

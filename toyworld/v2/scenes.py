@@ -62,8 +62,6 @@ PALETTE = {
     "pink": (240, 110, 190),
 }
 COLOURS = tuple(PALETTE)
-NEAR_HUES = (("red", "orange"), ("yellow", "lime"), ("green", "teal"), ("teal", "cyan"), ("cyan", "blue"),
-             ("blue", "purple"), ("purple", "pink"))
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 TEXTURES = ("plain", "striped", "dotted", "checked")
 SIZES = ("small", "large")
@@ -323,7 +321,7 @@ def composite(image, cover, colour):
     image += cover[..., None] * (colour - image)
 
 
-def to_uint8(image):
+def _quantise(image):
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
 
@@ -435,7 +433,7 @@ def render(spec, rng):
         return _render_implied(spec, rng, image)
     for obj, (cx, cy, r) in zip(objects, placements):
         composite(image, *object_layers(obj, cx, cy, r))
-    return to_uint8(image)
+    return _quantise(image)
 
 
 def _render_implied(spec, rng, image):
@@ -447,7 +445,7 @@ def _render_implied(spec, rng, image):
         bottom = int(rng.integers(FLOOR_TOP + 4, IMAGE_SIZE - 2))
         composite(image, shadow_coverage(cx, bottom, r), np.array(SHADOW, np.float32))
         composite(image, *object_layers(obj, cx, bottom - r, r))
-        return to_uint8(image)
+        return _quantise(image)
     image[MIRROR_ROWS[0]:MIRROR_ROWS[1] + 1] = MIRROR
     cx = _pixel_centre(rng, r, IMAGE_SIZE - r)
     largest_gap = min(6, int(IMAGE_SIZE - 2 * MIRROR_AXIS + MIRROR_ROWS[0] - 2 * r))  # the reflection fits
@@ -457,7 +455,7 @@ def _render_implied(spec, rng, image):
     reflected_cover, reflected_colour = object_layers(obj, cx, 2 * MIRROR_AXIS - cy, r, flip=True)
     composite(image, cover, colour)
     composite(image, reflected_cover, reflected_colour * REFLECTION_SHADE)
-    return to_uint8(image)
+    return _quantise(image)
 
 
 def sample_scene(rng, kind=None):

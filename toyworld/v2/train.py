@@ -36,8 +36,8 @@ Everything else:
 * ``--time-limit S`` stops the running stage after S seconds of the command (checkpointed, interim
   weights exported) and runs no later stage; the same command resumes (a machine lent for ten
   minutes at a time finishes the schedule over several calls);
-* ``--priority auto`` raises the process priority (nice -10, when permitted) on the CPU and
-  leaves it on CUDA; the CPU run uses every core;
+* ``--priority auto`` raises the priority (nice -10 for the process and its autogroup, when
+  permitted) on the CPU and leaves it on CUDA; the CPU run uses every core;
 * final weights: float16 files in ``--out`` (``weights.FILES``); the last line printed is a JSON
   object with each stage's final loss and its evaluation (VAE: oracle pass rates of
   reconstructions; classifier: accuracy per head on fresh clean scenes).
@@ -406,12 +406,18 @@ TRAINERS = {"vae": train_vae, "text": train_text, "dit": train_dit, "weak": trai
 # ---------------------------------------------------------------- command line
 
 def raise_priority(device, priority):
-    """Nice -10 for ``high`` (``auto``: on the CPU); returns the niceness in effect."""
+    """For ``high`` (``auto``: on the CPU) nice -10 for this process and for its autogroup (Linux gives
+    every terminal session an equal CPU share whatever a process's nice value says), each when
+    permitted; returns the process's niceness in effect."""
     if priority == "high" or (priority == "auto" and device.type == "cpu"):
         try:
             os.nice(HIGH_PRIORITY_NICE - os.nice(0))
         except PermissionError:
-            tqdm.write("train: not permitted to raise the priority; running at the current one")
+            tqdm.write("train: not permitted to raise the process priority; running at the current one")
+        try:
+            Path("/proc/self/autogroup").write_text(f"{HIGH_PRIORITY_NICE}\n")
+        except OSError:
+            pass  # no autogroups (or not permitted): the process priority is what there is
     return os.nice(0)
 
 

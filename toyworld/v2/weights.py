@@ -40,11 +40,6 @@ def save_module(path, prefix, architecture, config, module, metadata=None, dtype
     save_atomically(tensors, path, {"architecture": architecture, "config": json.dumps(config), **(metadata or {})})
 
 
-def read_metadata(path):
-    with safe_open(str(path), framework="pt") as handle:
-        return dict(handle.metadata() or {})
-
-
 def load_checked(path, prefix):
     """(module, metadata): the module the file's architecture and config build, with the float32 weights
     stored under ``prefix.``; ValueError naming the file and the keys when they do not match exactly."""
