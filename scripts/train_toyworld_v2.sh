@@ -20,8 +20,8 @@ export PYTHONUNBUFFERED=1
 
 mkdir -p "$WORK"
 "$PY" -m toyworld.v2.train --stage all --seed 0 --device cuda --time-limit "${TIME_LIMIT:-500}" \
-    --work "$WORK" --out "$WEIGHTS" | tee "$WORK/last_call.json"
-if grep -q '"complete": true' "$WORK/last_call.json"; then
+    --work "$WORK" --out "$WEIGHTS" | tee "$WORK/last_call.log"
+if grep -q '"complete": true' "$WORK/last_call.log"; then
     "$PY" -m toyworld.v2.sample --cfg 1 4 --set validation --samples 2 --steps 20 --device cuda \
         --weights "$WEIGHTS" | tee "$WORK/headroom.jsonl"
 fi
