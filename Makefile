@@ -9,7 +9,7 @@ HOST_DIR := $(or $(COMFYUI_DIR),$(CURDIR)/.comfyui)
 STAMP := $(VENV)/.provisioned
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: comfyui test test-fast test-browser lint format demo serve bench train-toyworld validate
+.PHONY: comfyui test test-fast test-browser lint format demo serve bench train-toyworld train-toyworld-v2 validate
 
 comfyui: $(STAMP)
 	@$(PY) scripts/provision_comfyui.py
@@ -54,6 +54,11 @@ bench: comfyui
 
 train-toyworld: comfyui
 	$(PY) -m toyworld.train --stage all --seed 0
+
+# Toy world v2 (docs/toyworld.md): resumable; on a CUDA machine scripts/train_toyworld_v2.sh runs it in
+# ten-minute calls and measures the headroom afterwards.
+train-toyworld-v2: comfyui
+	$(PY) -m toyworld.v2.train --stage all --seed 0
 
 validate: comfyui
 	$(VENV)/bin/comfy --skip-prompt --no-enable-telemetry node validate
