@@ -8,12 +8,18 @@ import tomllib
 
 REPO = Path(__file__).resolve().parent.parent
 PURE_PACKAGES = ("samplers", "toyworld")
+# toyworld v2's models are ComfyUI's own classes (Flux, AutoencoderKL, T5) at a small size, so that the pack's
+# block-level code runs on a real family's code: the modules that build, store, train and sample them are the
+# one exception (its scenes and oracle stay pure).
+BUILT_FROM_COMFYUI = {f"toyworld/v2/{name}.py" for name in ("model", "host", "weights", "train", "sample")}
 
 
 def test_pure_packages_import_nothing_from_comfyui():
     offenders = []
     for package in PURE_PACKAGES:
         for path in (REPO / package).rglob("*.py"):
+            if str(path.relative_to(REPO)) in BUILT_FROM_COMFYUI:
+                continue
             for node in ast.walk(ast.parse(path.read_text())):
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                     [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
@@ -28,7 +34,8 @@ def test_pure_packages_import_without_comfyui_on_the_path(tmp_path):
     that cannot reach ComfyUI."""
     (tmp_path / "guidance_kit").symlink_to(REPO, target_is_directory=True)
     modules = sorted("guidance_kit." + ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
-                     for package in PURE_PACKAGES for path in (REPO / package).rglob("*.py"))
+                     for package in PURE_PACKAGES for path in (REPO / package).rglob("*.py")
+                     if str(path.relative_to(REPO)) not in BUILT_FROM_COMFYUI)
     code = (f"import importlib, sys; sys.path[:] = [{str(tmp_path)!r}] + [p for p in sys.path if p and 'comfy' not in "
             f"p.lower() and p != {str(REPO)!r}]\n"
             f"for name in {modules!r}: importlib.import_module(name)\n"
