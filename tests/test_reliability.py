@@ -638,7 +638,7 @@ def test_classifier_loaders_refuse_bad_files_and_inputs_naming_them(tmp_path, mo
     with pytest.raises(ValueError, match=r"Load Classifier 'classifier' \(broken.safetensors\).*broken.safetensors"):
         run_node(LoadClassifier, "broken.safetensors", "auto")
     with pytest.raises(ValueError, match="Load Classifier: pixel_source 'vae' needs the 'vae' input"):
-        run_node(LoadClassifier, "toy_classifier.safetensors (toy toy)", "vae")
+        run_node(LoadClassifier, "toy_classifier.safetensors (toy world)", "vae")
     with pytest.raises(ValueError, match="CLIP Zero-Shot Classifier 'classes'"):
         run_node(ClipZeroShotClassifier, None, None, "colour: red", "{}", "auto")
     with pytest.raises(ValueError, match="CLIP Zero-Shot Classifier 'template'"):
