@@ -127,6 +127,22 @@ def test_guidance_also_works_with_cfg_on(toy):
     assert probabilities[30.0] > probabilities[0.0] + 0.1, probabilities
 
 
+def test_two_ppap_patches_both_guide(toy):
+    """PPAP over PPAP is not a replacement (its hook is outside the slot and keeps no exclusive state): two
+    targets guide together, each step adding both gradients."""
+    from guidance_kit.nodes.ppap import TOY_EXPERTS, PPAPModelPatch
+
+    def patched(model, target):
+        return run_node(PPAPModelPatch, model, toy.classifier, TOY_EXPERTS, target, 30.0)[0]
+
+    def run(model):
+        return ksample(model, toy.negative, toy.negative, empty_latent(2), cfg=1.0, steps=4, scheduler="simple")
+
+    red, circle = patched(toy.model, "colour: red"), patched(toy.model, "shape: circle")
+    both = run(patched(red, "shape: circle"))
+    assert not torch.equal(both, run(red)) and not torch.equal(both, run(circle))
+
+
 EXPECTED_COEFFICIENTS = {"sd15_eps": lambda s: (torch.ones_like(s), s), "sdxl_adm": lambda s: (torch.ones_like(s), s),
                          "sd15_v": lambda s: (torch.ones_like(s), s), "sd3_flow": lambda s: (1 - s, s)}
 
