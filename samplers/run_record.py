@@ -105,7 +105,7 @@ class RunStats:
 
     def summary(self) -> str:
         """One line for the UI, e.g. ``AG: 20 steps, 28 model rows, 12 of 40 saved vs CFG;
-        cond only at step 9/20``."""
+        cond only at step 9/20; also acting: PPAP`` (techniques stacked under this one)."""
         steps = self.steps
         text = f"{self.technique}: {steps} steps"
         if len(self.evaluations) != steps:
@@ -120,4 +120,8 @@ class RunStats:
             text += f"; {label} at step {self.step_of(index)}/{steps}"
             if len(self.events) > 1:
                 text += f" (+{len(self.events) - 1} more decisions)"
+        stacked = [name for name in dict.fromkeys(n for e in self.evaluations for n in e.acted)
+                   if name != self.technique]
+        if stacked:
+            text += f"; also acting: {', '.join(stacked)}"
         return text

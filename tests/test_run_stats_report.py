@@ -53,6 +53,10 @@ def test_summary_wording():
     expected = "AG: 20 steps, 56 model rows, 24 of 80 saved vs CFG; cond only at step 9/20"
     assert hand_made_run(events=(8,)).summary() == expected
     assert hand_made_run(events=(8, 12)).summary().endswith("cond only at step 9/20 (+1 more decisions)")
+    stacked = hand_made_run(events=(8,))
+    for evaluation in stacked.evaluations[:3]:
+        evaluation.acted += ["AG", "PPAP"]
+    assert stacked.summary() == expected + "; also acting: PPAP"
 
 
 def test_tensor_signals_are_stored_as_lists():

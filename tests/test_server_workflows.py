@@ -13,8 +13,8 @@ with their result checked, not just that an image came out.
   every later clone).  The Reference CFG guider must give exactly CFGGuider's images (it is plain CFG plus
   statistics), which also shows that two runs of one graph agree bit for bit, as the ablation assumes.
   Every Run Stats node must report the run (its UI text in /history, the summary the server also sends as
-  the ``guidance_kit.run_summary`` event).  Run statistics alone cannot show that each technique acted: the
-  summary is the last patch's, and a dropped technique need not leave a trace in it.
+  the ``guidance_kit.run_summary`` event); the summary names the techniques stacked under the last patch
+  ("also acting: ..."), but only those that record their steps, so the ablation is the proof.
 * ``train_*.json``: a training node (DeeDiff Train Heads, PPAP Train Experts, LinearAG Calibrate) on tiny
   settings, sampling with its output where it has one (PPAP's is a file name: a STRING cannot feed the PPAP
   node's experts list, which the server checks before the file exists), and a muted group (Ctrl+M) that loads
