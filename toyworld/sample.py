@@ -46,11 +46,11 @@ def euler_sample(dit, text_encoder, prompts, cfg=4.0, steps=20, seed=0):
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def oracle_rates(images, specs):
-    """{kind: {fact: rate}} over judged images, 'n' = number of images of that kind."""
+def oracle_rates(images, specs, judge=oracle.judge):
+    """{kind: {fact: rate}} over images judged by ``judge`` (a world's oracle), 'n' = images of that kind."""
     by_kind = defaultdict(list)
     for image, spec in zip(images, specs):
-        by_kind[spec["kind"]].append(oracle.judge(image, spec))
+        by_kind[spec["kind"]].append(judge(image, spec))
     return {kind: {"n": len(verdicts), **{fact: float(np.mean([v[fact] for v in verdicts])) for fact in verdicts[0]}}
             for kind, verdicts in by_kind.items()}
 

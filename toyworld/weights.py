@@ -49,18 +49,23 @@ def load_checked(module_cls, path, prefix, config_key=None):
         configs = json.loads((handle.metadata() or {}).get("config", "{}"))
         if config_key not in configs:
             raise ValueError(f"{path}: no config for {config_key!r} (found {sorted(configs)})")
-        module = module_cls(**configs[config_key])
-        stored = {key[len(prefix) + 1:]: key for key in list(handle.keys()) if key.startswith(prefix + ".")}
-        expected = module.state_dict()
-        problems = [f"missing {prefix}.{key}" for key in sorted(expected.keys() - stored.keys())]
-        problems += [f"unexpected {prefix}.{key}" for key in sorted(stored.keys() - expected.keys())]
-        tensors = {key: handle.get_tensor(stored[key]) for key in expected.keys() & stored.keys()}
+        return load_into(module_cls(**configs[config_key]), handle, path, prefix, module_cls.__name__)
+
+
+def load_into(module, handle, path, prefix: str, label: str):
+    """``module`` (eval mode) with the float32 weights stored under ``prefix.`` in the open safetensors ``handle``,
+    requiring keys and shapes to match exactly (ValueError naming ``path``, ``label`` and the keys otherwise)."""
+    stored = {key[len(prefix) + 1:]: key for key in list(handle.keys()) if key.startswith(prefix + ".")}
+    expected = module.state_dict()
+    problems = [f"missing {prefix}.{key}" for key in sorted(expected.keys() - stored.keys())]
+    problems += [f"unexpected {prefix}.{key}" for key in sorted(stored.keys() - expected.keys())]
+    tensors = {key: handle.get_tensor(stored[key]) for key in expected.keys() & stored.keys()}
     problems += [f"shape of {prefix}.{key}: file {tuple(tensors[key].shape)} != model {tuple(expected[key].shape)}"
                  for key in sorted(tensors) if tensors[key].shape != expected[key].shape]
     if problems:
         more = len(problems) - MAX_REPORTED
         shown = "; ".join(problems[:MAX_REPORTED]) + (f"; and {more} more" if more > 0 else "")
-        raise ValueError(f"{path}: weights do not match {module_cls.__name__}: {shown}")
+        raise ValueError(f"{path}: weights do not match {label}: {shown}")
     module.load_state_dict({key: value.float() for key, value in tensors.items()})
     return module.eval()
 

@@ -17,11 +17,11 @@ import argparse
 import itertools
 import json
 import sys
-from collections import defaultdict
 
 import numpy as np
 import torch
 
+from .. import sample as v1_sample
 from . import model, oracle, scenes, weights
 
 SETS = {"dev": scenes.DEV, "validation": scenes.VALIDATION}
@@ -63,12 +63,8 @@ class LatentWorld:
 
 
 def oracle_rates(images, specs):
-    """{kind: {"n": count, fact: rate, ..., "pass": rate}} over judged images."""
-    by_kind = defaultdict(list)
-    for image, spec in zip(images, specs):
-        by_kind[spec["kind"]].append(oracle.judge(image, spec))
-    return {kind: {"n": len(verdicts), **{fact: float(np.mean([v[fact] for v in verdicts])) for fact in verdicts[0]}}
-            for kind, verdicts in by_kind.items()}
+    """{kind: {"n": count, fact: rate, ..., "pass": rate}} over images judged by the v2 oracle."""
+    return v1_sample.oracle_rates(images, specs, oracle.judge)
 
 
 def main(argv=None):

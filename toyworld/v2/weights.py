@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..weights import load_into
 from . import model
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -22,7 +23,6 @@ FILES = {"vae": "vae.safetensors", "text_encoder": "text_encoder.safetensors", "
 PREFIXES = {"vae": "vae", "text_encoder": "text_encoder", "dit": "diffusion_model", "weak": "diffusion_model",
             "classifier": "classifier"}
 STORAGE_DTYPE = torch.float16
-MAX_REPORTED = 12
 
 
 def save_atomically(tensors, path, metadata):
@@ -50,19 +50,7 @@ def load_checked(path, prefix):
             raise ValueError(f"{path}: unknown architecture {architecture!r} (expected one of "
                              f"{sorted(model.ARCHITECTURES)})")
         module = model.ARCHITECTURES[architecture](**json.loads(metadata["config"]))
-        stored = {key[len(prefix) + 1:]: key for key in handle.keys() if key.startswith(prefix + ".")}
-        expected = module.state_dict()
-        problems = [f"missing {prefix}.{key}" for key in sorted(expected.keys() - stored.keys())]
-        problems += [f"unexpected {prefix}.{key}" for key in sorted(stored.keys() - expected.keys())]
-        tensors = {key: handle.get_tensor(stored[key]) for key in expected.keys() & stored.keys()}
-    problems += [f"shape of {prefix}.{key}: file {tuple(tensors[key].shape)} != model {tuple(expected[key].shape)}"
-                 for key in sorted(tensors) if tensors[key].shape != expected[key].shape]
-    if problems:
-        more = len(problems) - MAX_REPORTED
-        shown = "; ".join(problems[:MAX_REPORTED]) + (f"; and {more} more" if more > 0 else "")
-        raise ValueError(f"{path}: weights do not match its {architecture}: {shown}")
-    module.load_state_dict({key: value.float() for key, value in tensors.items()})
-    return module.eval(), metadata
+        return load_into(module, handle, path, prefix, f"its {architecture}"), metadata
 
 
 def load(name, directory=WEIGHTS_DIR):
