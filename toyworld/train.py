@@ -134,6 +134,43 @@ def classifier_loss(classifier, batch_scenes, generator):
     return sum(F.cross_entropy(logits[name], labels[name]) for name in logits)
 
 
+def warmup_cosine(step: int, length: int, peak: float) -> float:
+    """Learning rate at ``step`` of a ``length``-step cycle: linear warm-up over 5%, then cosine from ``peak``
+    down to 0.1·peak."""
+    warmup = max(1, length // 20)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, length - warmup))
+    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def ema_update(run, loss, checkpoint_every: int) -> None:
+    """One optimiser step of a stage run (``optimizer``, ``params``, ``modules``, ``ema``, ``step``, ``lr(step)``,
+    ``save()``): clipped gradients, an EMA of the weights, a checkpoint every ``checkpoint_every`` steps."""
+    for group in run.optimizer.param_groups:
+        group["lr"] = run.lr(run.step)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(run.params, 1.0)
+    run.optimizer.step()
+    decay = min(EMA_DECAY, (1 + run.step) / (10 + run.step))
+    with torch.no_grad():
+        for prefix, module in run.modules.items():
+            for ema_param, param in zip(run.ema[prefix].parameters(), module.parameters()):
+                ema_param.lerp_(param, 1 - decay)
+    run.step += 1
+    if run.step % checkpoint_every == 0:
+        run.save()
+
+
+def log_line(stage: str, record: dict, log_file) -> None:
+    """A JSON progress line on the console and appended to ``log_file``."""
+    line = json.dumps({"stage": stage, **record})
+    tqdm.write(line)
+    with open(log_file, "a") as handle:
+        handle.write(line + "\n")
+
+
 class StageRun:
     """Optimiser, EMA, schedule, logging and safetensors checkpoints of one training stage."""
 
@@ -162,33 +199,13 @@ class StageRun:
 
     def lr(self, step):
         (length, factor, *_), step = self._cycle_at(step)
-        peak, warmup = self.peak_lr * factor, max(1, length // 20)
-        if step < warmup:
-            return peak * (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, length - warmup))
-        return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+        return warmup_cosine(step, length, self.peak_lr * factor)
 
     def update(self, loss):
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr(self.step)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.optimizer.step()
-        decay = min(EMA_DECAY, (1 + self.step) / (10 + self.step))
-        with torch.no_grad():
-            for prefix, module in self.modules.items():
-                for ema_param, param in zip(self.ema[prefix].parameters(), module.parameters()):
-                    ema_param.lerp_(param, 1 - decay)
-        self.step += 1
-        if self.step % CHECKPOINT_EVERY == 0:
-            self.save()
+        ema_update(self, loss, CHECKPOINT_EVERY)
 
     def log(self, record):
-        line = json.dumps({"stage": self.name, **record})
-        tqdm.write(line)
-        with open(self.log_file, "a") as handle:
-            handle.write(line + "\n")
+        log_line(self.name, record, self.log_file)
 
     def _tensors(self):
         tensors = {f"{kind}.{prefix}.{key}": value.detach().contiguous()

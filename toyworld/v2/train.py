@@ -51,7 +51,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -63,6 +62,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from tqdm import tqdm
 
+from ..train import ema_update, log_line, warmup_cosine
 from . import model, oracle, scenes, weights
 
 STAGES = ("vae", "text", "dit", "weak", "classifier")
@@ -84,7 +84,6 @@ CLASSIFIER_MIX = {"single": 1.0}
 PROMPT_DROPOUT = 0.1
 KL_WEIGHT = 1e-6
 CLASSIFIER_NOISE = 0.05
-EMA_DECAY = 0.999
 WEIGHT_DECAY = 0.01
 CHECKPOINT_EVERY = 500
 HIGH_PRIORITY_NICE = -10
@@ -166,34 +165,13 @@ class StageRun:
                 "schedule": json.dumps([self.schedule.steps, self.schedule.batch, self.schedule.lr])}
 
     def lr(self, step):
-        steps, peak = self.schedule.steps, self.schedule.lr
-        warmup = max(1, steps // 20)
-        if step < warmup:
-            return peak * (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-        return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+        return warmup_cosine(step, self.schedule.steps, self.schedule.lr)
 
     def update(self, loss):
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr(self.step)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.optimizer.step()
-        decay = min(EMA_DECAY, (1 + self.step) / (10 + self.step))
-        with torch.no_grad():
-            for prefix, module in self.modules.items():
-                for ema_param, param in zip(self.ema[prefix].parameters(), module.parameters()):
-                    ema_param.lerp_(param, 1 - decay)
-        self.step += 1
-        if self.step % CHECKPOINT_EVERY == 0:
-            self.save()
+        ema_update(self, loss, CHECKPOINT_EVERY)
 
     def log(self, record):
-        line = json.dumps({"stage": self.name, **record})
-        tqdm.write(line)
-        with open(self.log_file, "a") as handle:
-            handle.write(line + "\n")
+        log_line(self.name, record, self.log_file)
 
     def save(self):
         tensors = {f"{kind}.{prefix}.{key}": value.detach().to("cpu").contiguous()
