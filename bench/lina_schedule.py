@@ -2,10 +2,10 @@
 
 Plain CFG (ComfyUI's CFGGuider, scale ``CFG_SCALE``, euler, ``STEPS`` steps) on the base ``simple`` schedule
 against the same guider on the LINA schedule (``nodes/lina.py``, boundary ``BOUNDARY`` of the way into denoising)
-at the shares of ``SHARES``.  The share is chosen on the dev relation prompts (highest pass rate, ties to the first listed); validation
-figures are reported for that choice only.  Same prompts and noise for every configuration, so the difference
-to the base is paired: images gained, lost, and the difference's standard error.  Equal model rows by
-construction (same steps, same guider).
+at the shares of ``SHARES``.  The share is chosen on the dev relation prompts (highest pass rate, ties to the
+first listed); validation figures are reported for that choice only.  Same prompts and noise for every
+configuration, so the difference to the base is paired: images gained, lost, and the difference's standard
+error.  Equal model rows by construction (same steps, same guider).
 
 Last line: JSON.
 """
