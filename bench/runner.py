@@ -115,8 +115,9 @@ class _BlockCounter:
 
 def run(world: ToyWorld, name: str, make_guider, prompts: list[tuple[str, dict]], *, seeds: int = 4,
         steps: int = 20, sampler: str = "euler", scheduler: str = "simple", base_seed: int = 0,
-        negative: str = "", progress: bool = True) -> Result:
-    """Sample every prompt of ``prompts`` with ``seeds`` images through ``make_guider``; judge with the oracle."""
+        negative: str = "", progress: bool = True, sigmas=None) -> Result:
+    """Sample every prompt of ``prompts`` with ``seeds`` images through ``make_guider`` (on ``sigmas`` when
+    given, else ``steps`` of ``scheduler``); judge with the oracle."""
 
     from guidance_kit.nodes.contract.stats import attach_run_stats, stats_sink
     from guidance_kit.nodes.toyworld import ToyWorldEmptyLatent
@@ -132,7 +133,7 @@ def run(world: ToyWorld, name: str, make_guider, prompts: list[tuple[str, dict]]
             latent = ToyWorldEmptyLatent.execute(seeds)[0]
             start = time.perf_counter()
             samples = sample_guider(guider, latent, steps=steps, sampler=sampler, scheduler=scheduler,
-                                    seed=base_seed + index)
+                                    seed=base_seed + index, sigmas=sigmas)
             result.seconds += time.perf_counter() - start
             run_stats = stats_sink(guider.model_patcher).last
             result.rows += run_stats.rows

@@ -11,13 +11,14 @@ def sigmas_for(patcher, steps: int, scheduler: str = "normal"):
 
 
 def sample_guider(guider, latent: dict, *, steps: int = 20, sampler: str = "euler", scheduler: str = "normal",
-                  seed: int = 0):
-    """Denoise ``latent`` with ``guider`` through the stock SamplerCustomAdvanced node; returns samples."""
+                  seed: int = 0, sigmas=None):
+    """Denoise ``latent`` with ``guider`` through the stock SamplerCustomAdvanced node (on ``sigmas`` when given,
+    else the scheduler's); returns samples."""
     boot()
     import comfy.samplers
     from comfy_extras.nodes_custom_sampler import Noise_RandomNoise, SamplerCustomAdvanced
 
-    sigmas = sigmas_for(guider.model_patcher, steps, scheduler)
+    sigmas = sigmas_for(guider.model_patcher, steps, scheduler) if sigmas is None else sigmas
     output = run_node(SamplerCustomAdvanced, Noise_RandomNoise(seed), guider, comfy.samplers.sampler_object(sampler),
                       sigmas, latent)
     return output[0]["samples"]
