@@ -171,6 +171,21 @@ def log_line(stage: str, record: dict, log_file) -> None:
         handle.write(line + "\n")
 
 
+def restore_run(run, tensors: dict, device=None) -> None:
+    """A stage run's modules, EMA copies and AdamW state from its checkpoint tensors (``model.``, ``ema.``,
+    ``optim.<index>.<name>``); optimiser state moved to ``device`` when given."""
+    for kind, modules in (("model", run.modules), ("ema", run.ema)):
+        for prefix, module in modules.items():
+            start = f"{kind}.{prefix}."
+            module.load_state_dict({k[len(start):]: v for k, v in tensors.items() if k.startswith(start)})
+    state = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value if device is None else value.to(device)
+    run.optimizer.load_state_dict({"state": state, "param_groups": run.optimizer.state_dict()["param_groups"]})
+
+
 class StageRun:
     """Optimiser, EMA, schedule, logging and safetensors checkpoints of one training stage."""
 
@@ -231,16 +246,7 @@ class StageRun:
                 raise ValueError(f"{self.checkpoint} belongs to a different configuration or schedule "
                                  f"(its cycles {saved}, this run's {list(self.cycles)})")
             tensors = {key: handle.get_tensor(key) for key in list(handle.keys())}
-        for kind, modules in (("model", self.modules), ("ema", self.ema)):
-            for prefix, module in modules.items():
-                start = f"{kind}.{prefix}."
-                module.load_state_dict({k[len(start):]: v for k, v in tensors.items() if k.startswith(start)})
-        state = {}
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                _, index, name = key.split(".", 2)
-                state.setdefault(int(index), {})[name] = value
-        self.optimizer.load_state_dict({"state": state, "param_groups": self.optimizer.state_dict()["param_groups"]})
+        restore_run(self, tensors)
         self.step = int(metadata["step"])
 
 

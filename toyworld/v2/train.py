@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from tqdm import tqdm
 
-from ..train import ema_update, log_line, warmup_cosine
+from ..train import ema_update, log_line, restore_run, warmup_cosine
 from . import model, oracle, scenes, weights
 
 STAGES = ("vae", "text", "dit", "weak", "classifier")
@@ -189,16 +189,7 @@ class StageRun:
                                  f"(its schedule {metadata.get('schedule')}, this run's {self.identity()['schedule']});"
                                  " move it away to start this stage afresh")
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        for kind, modules in (("model", self.modules), ("ema", self.ema)):
-            for prefix, module in modules.items():
-                start = f"{kind}.{prefix}."
-                module.load_state_dict({k[len(start):]: v for k, v in tensors.items() if k.startswith(start)})
-        state = {}
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                _, index, name = key.split(".", 2)
-                state.setdefault(int(index), {})[name] = value.to(self.device)
-        self.optimizer.load_state_dict({"state": state, "param_groups": self.optimizer.state_dict()["param_groups"]})
+        restore_run(self, tensors, self.device)
         self.step = int(metadata["step"])
 
 
