@@ -26,11 +26,15 @@ import folder_paths
 from ...toyworld import weights
 
 EXTENSION = ".safetensors"
-FOLDERS = ("toyworld", "classifiers", "ppap", "linear_ag", "deediff")
+FOLDERS = ("toyworld", "toyworld_v2", "classifiers", "ppap", "linear_ag", "deediff")
 TOY_CLASSIFIER = "toy_classifier.safetensors (toy world)"  # listed under a label: it is not a classifier bundle
 TOY_EXPERTS = "toy_ppap_experts.safetensors"
+TOY_V2_DIT, TOY_V2_DIT_WEAK = "toy_v2_dit.safetensors", "toy_v2_dit_weak.safetensors"
+TOY_V2_WEIGHTS = weights.WEIGHTS_DIR.parent / "v2" / "weights"  # toyworld.v2.weights.WEIGHTS_DIR (imports ComfyUI)
 SHIPPED: dict[str, dict[str, Path]] = {
     "toyworld": {weights.MAIN_WEIGHTS.name: weights.MAIN_WEIGHTS, weights.WEAK_WEIGHTS.name: weights.WEAK_WEIGHTS},
+    "toyworld_v2": {TOY_V2_DIT: TOY_V2_WEIGHTS / "dit.safetensors",
+                    TOY_V2_DIT_WEAK: TOY_V2_WEIGHTS / "dit_weak.safetensors"},
     "classifiers": {TOY_CLASSIFIER: weights.CLASSIFIER_WEIGHTS},
     "ppap": {TOY_EXPERTS: weights.WEIGHTS_DIR / TOY_EXPERTS},
     "linear_ag": {"toy_dit_euler_simple_20_cfg4.safetensors":

@@ -99,11 +99,20 @@ class Scene:
     image: np.ndarray  # uint8 HxWx3
 
 
+def words(text):
+    """The tokenizer's words of ``text``: lower-cased, punctuation split off."""
+    return re.findall(r"[a-z]+|[^\sa-z]", text.lower())
+
+
+def word_id(word):
+    """A word's token id (UNK for words outside the grammar)."""
+    return TOKEN_ID.get(word, TOKEN_ID[UNK])
+
+
 def tokenize(prompt):
     """Lower-cased word ids (punctuation split off, unknown words -> UNK), then EOS, right-padded with
     PAD = 0 to ``MAX_TOKENS`` (longer prompts are cut, keeping EOS last)."""
-    words = re.findall(r"[a-z]+|[^\sa-z]", prompt.lower())
-    ids = [TOKEN_ID.get(word, TOKEN_ID[UNK]) for word in words][:MAX_TOKENS - 1] + [TOKEN_ID[EOS]]
+    ids = [word_id(word) for word in words(prompt)][:MAX_TOKENS - 1] + [TOKEN_ID[EOS]]
     return ids + [TOKEN_ID[PAD]] * (MAX_TOKENS - len(ids))
 
 
