@@ -41,6 +41,9 @@ class Autoguidance(BaseGuidance):
 
     _input_predictions = ["pred_cond", "pred_weak"]
     ignore_for_config = ["weak_model"]
+    # Not config (objects): from_config / from_pretrained hand this keyword to __init__ through diffusers'
+    # `_deprecated_kwargs` route, its one way for an init argument that is not in the config.
+    _deprecated_kwargs = ["weak_model"]
 
     @register_to_config
     def __init__(self, weak_model: torch.nn.Module = None, guidance_scale: float = 2.0, start: float = 0.0,
@@ -48,6 +51,11 @@ class Autoguidance(BaseGuidance):
         super().__init__(start, stop, enabled)
         self.weak_model = weak_model
         self.guidance_scale = guidance_scale
+
+    def new(self, **kwargs) -> "Autoguidance":
+        """A copy (``BaseGuidance.new``) that keeps this guider's weak model unless given another."""
+        kwargs.setdefault("weak_model", self.weak_model)
+        return super().new(**kwargs)
 
     def _is_guiding(self) -> bool:
         if not self._enabled or self.guidance_scale == 1.0:

@@ -29,6 +29,9 @@ class ComposableGuidance(BaseGuidance):
 
     _input_predictions = ["pred_uncond", "pred_concept"]  # per instance: pred_uncond, pred_concept_0, ...
     ignore_for_config = ["concepts"]
+    # Not config (objects): from_config / from_pretrained hand this keyword to __init__ through diffusers'
+    # `_deprecated_kwargs` route, its one way for an init argument that is not in the config.
+    _deprecated_kwargs = ["concepts"]
 
     @register_to_config
     def __init__(self, weights: list = (7.5,), concepts: list = None, start: float = 0.0, stop: float = 1.0,
@@ -45,6 +48,11 @@ class ComposableGuidance(BaseGuidance):
                              "{'prompt_embeds': ..., 'text_embeds': ...}")
         self.weights, self.concepts = weights, concepts
         self._input_predictions = ["pred_uncond"] + [f"pred_concept_{k}" for k in range(len(weights))]
+
+    def new(self, **kwargs) -> "ComposableGuidance":
+        """A copy (``BaseGuidance.new``) that keeps this guider's concepts unless given others."""
+        kwargs.setdefault("concepts", self.concepts)
+        return super().new(**kwargs)
 
     def _is_guiding(self) -> bool:
         if not self._enabled:

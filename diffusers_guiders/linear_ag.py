@@ -166,12 +166,12 @@ def calibrate_linear_ag(pipe, prompts: list[dict], path, *, num_inference_steps:
     finally:
         pipe.update_components(guider=previous)
     scheduler = pipe.scheduler
-    denoiser = next((model for model in (getattr(pipe, "unet", None), getattr(pipe, "transformer", None))
-                     if model is not None), None)
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
     schedule = getattr(scheduler, "sigmas", None)
     schedule = torch.tensor(recorder.timesteps) if schedule is None else schedule.float().cpu()
+    model = None if denoiser is None else fingerprint(denoiser.state_dict(), "diffusers")
     info = {"prediction_space": PREDICTION_SPACE, "pipeline": type(pipe).__name__,
-            "scheduler": type(scheduler).__name__, "model": denoiser and fingerprint(denoiser.state_dict(), "diffusers"),
+            "scheduler": type(scheduler).__name__, "model": model,
             "steps": num_inference_steps, "cfg": guidance_scale, "timesteps": recorder.timesteps,
             "prompts": len(prompts), "images": len(prompts) * int(recorder.conds[0].shape[0]), "terms": list(terms)}
     calibration = lag.Calibration(fit.solve(), schedule[:fit.evaluations].clone(), schedule, torch.zeros(0), info)
