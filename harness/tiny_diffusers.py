@@ -67,6 +67,16 @@ def concept_inputs(seed: int) -> dict:
             "text_embeds": torch.randn(1, POOLED_WIDTH, generator=generator)}
 
 
+def calls_from_switch_log(log: list, steps: int, batch: int = 1) -> int:
+    """UNet calls that Adaptive Guidance's ``switch_log`` implies for one run (CFG over all steps otherwise): two
+    per step up to and including the step at which the last sample of the batch switched, one per step after."""
+    switched = {sample: entry["step"] for entry in log for sample in entry["samples"]}
+    if len(switched) < batch:
+        return 2 * steps
+    last = max(switched.values())
+    return 2 * (last + 1) + (steps - last - 1)
+
+
 @dataclass
 class CallCounter:
     """Counts real evaluations of a UNet: calls of its first convolution (a pass that a hook redirects to

@@ -52,16 +52,6 @@ def cfg_run(pipe, inputs):
     return run(pipe, ClassifierFreeGuidance(guidance_scale=SCALE), inputs)
 
 
-def calls_from_switch_log(log: list, steps: int, batch: int = 1) -> int:
-    """UNet calls that AG's switch log implies: two per step up to and including the step at which the last
-    sample of the batch switched, one per step after it."""
-    switched = {sample: entry["step"] for entry in log for sample in entry["samples"]}
-    if len(switched) < batch:
-        return 2 * steps
-    last = max(switched.values())
-    return 2 * (last + 1) + (steps - last - 1)
-
-
 def step(guider, index, steps=STEPS, timestep=None):
     guider.set_state(index, steps, torch.tensor(1000.0 - index if timestep is None else timestep))
 
@@ -79,7 +69,7 @@ def test_ag_skips_the_unconditional_passes_its_switch_log_says(pipe, inputs, cfg
     guider = AdaptiveGuidance(guidance_scale=SCALE, threshold=threshold)
     latents, calls = run(pipe, guider, inputs)
     assert guider.switch_log, "the sample never switched: the test would not exercise a skip"
-    assert calls == calls_from_switch_log(guider.switch_log, STEPS) < 2 * STEPS
+    assert calls == td.calls_from_switch_log(guider.switch_log, STEPS) < 2 * STEPS
     assert not torch.allclose(latents, cfg_run[0])
     again, calls_again = run(pipe, guider, inputs)  # fresh state at step 0: the same run again
     assert calls_again == calls and torch.equal(again, latents)
