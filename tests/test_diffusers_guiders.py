@@ -3,6 +3,7 @@ through a tiny Modular SDXL pipeline with a UNet-call counter.  Offline: nothing
 import copy
 import logging
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from guidance_kit.samplers.composable import compose  # noqa: E402
 from guidance_kit.samplers.similarity import per_sample_cosine  # noqa: E402
 from harness import tiny_diffusers as td  # noqa: E402
 
+REPO = Path(__file__).resolve().parent.parent
 STEPS, SCALE = 4, 5.0
 
 
@@ -261,3 +263,24 @@ def test_config_round_trip(calibration_file, tmp_path):
                                                                                                (1.0, 0.5))
     assert LinearAG.from_pretrained(tmp_path / "LinearAG")._pattern == lag.step_pattern(STEPS, 3, 0.5)
     assert guiders[2].new().concepts[0] is guiders[2].concepts[0] and guiders[3].new().weak_model is weak
+
+
+# The toy-world example (scripts/toy_diffusers_guiders.py)
+
+def test_toy_example_loop_runs_the_guiders_on_the_toy_model():
+    import importlib.util
+
+    from guidance_kit.toyworld import scenes, weights
+
+    spec = importlib.util.spec_from_file_location("toy_diffusers_guiders",
+                                                  REPO / "scripts" / "toy_diffusers_guiders.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    dit, text_encoder = weights.load_main()
+    cond = text_encoder(torch.tensor([scenes.tokenize(scenes.dev_prompts()[0][0])]))
+    uncond = text_encoder(torch.tensor([scenes.tokenize("")]))
+    cfg = example.denoise(ClassifierFreeGuidance(guidance_scale=4.0), dit, cond, uncond, steps=3, seed=0)
+    same = example.denoise(AdaptiveGuidance(guidance_scale=4.0, threshold=1.0), dit, cond, uncond, steps=3, seed=0)
+    weak = example.denoise(Autoguidance(weak_model=weights.load_weak(), guidance_scale=2.0), dit, cond, uncond,
+                           steps=3, seed=0)
+    assert torch.equal(cfg, same) and not torch.allclose(cfg, weak)
