@@ -284,3 +284,14 @@ def test_toy_example_loop_runs_the_guiders_on_the_toy_model():
     weak = example.denoise(Autoguidance(weak_model=weights.load_weak(), guidance_scale=2.0), dit, cond, uncond,
                            steps=3, seed=0)
     assert torch.equal(cfg, same) and not torch.allclose(cfg, weak)
+
+
+def test_docs_quick_start_runs(monkeypatch, capsys):
+    page = (REPO / "docs" / "diffusers.md").read_text()
+    block = page.split("## Quick start", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr("sys.path", list(__import__("sys").path))
+    exec(compile(block, "docs/diffusers.md", "exec"), {})  # noqa: S102 (the page's own example)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "ClassifierFreeGuidance UNet calls: 16"
+    assert printed[1].startswith("AdaptiveGuidance UNet calls: ") and int(printed[1].split()[-1]) < 16
