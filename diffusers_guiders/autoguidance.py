@@ -6,6 +6,7 @@ from diffusers.guiders.guider_utils import GuiderOutput
 from diffusers.hooks import HookRegistry, ModelHook
 
 from ..samplers.autoguidance import autoguide
+from .runs import in_window
 
 WEAK_HOOK = "guidance_kit_autoguidance_weak_model"
 
@@ -58,11 +59,7 @@ class Autoguidance(BaseGuidance):
         return super().new(**kwargs)
 
     def _is_guiding(self) -> bool:
-        if not self._enabled or self.guidance_scale == 1.0:
-            return False
-        if self._num_inference_steps is None:
-            return True
-        return int(self._start * self._num_inference_steps) <= self._step < int(self._stop * self._num_inference_steps)
+        return self.guidance_scale != 1.0 and in_window(self)
 
     @property
     def num_conditions(self) -> int:

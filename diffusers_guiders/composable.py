@@ -5,6 +5,7 @@ from diffusers.guiders import BaseGuidance
 from diffusers.guiders.guider_utils import GuiderOutput
 
 from ..samplers.composable import check_weights, compose
+from .runs import in_window
 
 WHERE = "ComposableGuidance"
 
@@ -55,11 +56,7 @@ class ComposableGuidance(BaseGuidance):
         return super().new(**kwargs)
 
     def _is_guiding(self) -> bool:
-        if not self._enabled:
-            return False
-        if self._num_inference_steps is None:
-            return True
-        return int(self._start * self._num_inference_steps) <= self._step < int(self._stop * self._num_inference_steps)
+        return in_window(self)
 
     @property
     def num_conditions(self) -> int:

@@ -15,6 +15,15 @@ class FreshEachRun:
         raise NotImplementedError
 
 
+def in_window(guider) -> bool:
+    """Whether a ``BaseGuidance`` guides at its current step: enabled, and the step inside [start, stop) of the
+    steps (the rule of diffusers' own guiders; always inside before the pipeline has set a step)."""
+    if not guider._enabled:
+        return False
+    steps = guider._num_inference_steps
+    return steps is None or int(guider._start * steps) <= guider._step < int(guider._stop * steps)
+
+
 def per_sample(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A bool [B] mask shaped to broadcast over ``like`` [B, ...]."""
     return mask.to(like.device).view(-1, *([1] * (like.ndim - 1)))

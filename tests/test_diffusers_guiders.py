@@ -295,3 +295,13 @@ def test_docs_quick_start_runs(monkeypatch, capsys):
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == "ClassifierFreeGuidance UNet calls: 16"
     assert printed[1].startswith("AdaptiveGuidance UNet calls: ") and int(printed[1].split()[-1]) < 16
+
+
+def test_guiders_guide_only_inside_their_start_stop_window():
+    composable = ComposableGuidance(weights=[SCALE, 1.0], concepts=[td.concept_inputs(1)], stop=0.5)
+    autoguidance = Autoguidance(weak_model=td.tiny_unet(seed=7, width=16), start=0.5)
+    for index, (composable_conditions, autoguidance_conditions) in enumerate([(3, 1), (3, 1), (1, 2), (1, 2)]):
+        step(composable, index)
+        step(autoguidance, index)
+        assert (composable.num_conditions, autoguidance.num_conditions) == \
+            (composable_conditions, autoguidance_conditions)
