@@ -32,7 +32,35 @@ def load_calibration(path) -> lag.Calibration:
     return calibration
 
 
-class LinearAG(FreshEachRun, ClassifierFreeGuidance):
+# The denoiser's text conditioning, as the Modular denoise blocks name it (SDXL; SD3, Flux, Wan, ...).
+TEXT_FIELDS = ("prompt_embeds", "encoder_hidden_states")
+
+
+class ReadsNegative:
+    """Mixin for a CFG guider: at step 0, ``observe_negative`` gets the fingerprint
+    (``linear_ag.conditioning_fingerprint``) of the negative's text conditioning, the unconditional half of
+    the first of ``TEXT_FIELDS`` the pipeline hands the guider (empty when there is none)."""
+
+    def prepare_inputs(self, data: dict) -> list:
+        if self._step == 0:
+            self._read_negative({name: value[1] for name, value in data.items() if isinstance(value, tuple)})
+        return super().prepare_inputs(data)
+
+    def prepare_inputs_from_block_state(self, data, input_fields: dict) -> list:
+        if self._step == 0:
+            self._read_negative({name: getattr(data, field[1], None) for name, field in input_fields.items()
+                                 if isinstance(field, tuple)})
+        return super().prepare_inputs_from_block_state(data, input_fields)
+
+    def _read_negative(self, unconditional: dict) -> None:
+        text = next((unconditional[name] for name in TEXT_FIELDS if unconditional.get(name) is not None), None)
+        self.observe_negative(lag.conditioning_fingerprint([] if text is None else [text]))
+
+    def observe_negative(self, fingerprint: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class LinearAG(ReadsNegative, FreshEachRun, ClassifierFreeGuidance):
     """CFG whose unconditional is, on most guided steps, regressed from earlier steps of the same trajectory.
 
     [Adaptive Guidance](https://arxiv.org/abs/2312.12487) (Castillo et al., Sec. 5, LinearAG): the first
@@ -40,8 +68,8 @@ class LinearAG(FreshEachRun, ClassifierFreeGuidance):
     (the anchor) and a regressed one, û = Σ_k w_k·term_k (per channel, fitted offline by least squares),
     in between; the rest run the conditional alone.  The coefficients come from a calibration file
     (``calibrate_linear_ag``; the same safetensors format as the ComfyUI nodes', fitted on the raw model
-    output).  A run whose step count or timesteps differ from the calibrated ones warns once and samples
-    with true CFG.
+    output).  A run whose step count, timesteps or negative prompt differ from the calibrated ones warns once
+    and samples with true CFG.
 
     Args:
         calibration (`str`): path of the calibration file.
@@ -74,6 +102,11 @@ class LinearAG(FreshEachRun, ClassifierFreeGuidance):
             self._problem = self._mismatch()
             if self._problem is not None:
                 logger.warning(f"{WHERE}: {self._problem}; sampling with true CFG (recalibrate for this setting)")
+
+    def observe_negative(self, fingerprint: torch.Tensor) -> None:
+        if self._problem is None and not lag.fingerprints_match(fingerprint, self._calibration.negative_fingerprint):
+            self._problem = "the negative prompt differs from the calibrated one"
+            logger.warning(f"{WHERE}: {self._problem}; sampling with true CFG (recalibrate for this setting)")
 
     def _mismatch(self) -> str | None:
         info = self._calibration.info
@@ -115,11 +148,14 @@ class LinearAG(FreshEachRun, ClassifierFreeGuidance):
         return output
 
 
-class CalibrationRecorder(FreshEachRun, ClassifierFreeGuidance):
-    """Plain CFG that keeps the trajectory's predictions and timesteps (``calibrate_linear_ag``)."""
+class CalibrationRecorder(ReadsNegative, FreshEachRun, ClassifierFreeGuidance):
+    """Plain CFG that keeps the trajectory's predictions, timesteps and negative (``calibrate_linear_ag``)."""
 
     def start_run(self) -> None:
         self.conds, self.unconds, self.timesteps = [], [], []
+
+    def observe_negative(self, fingerprint: torch.Tensor) -> None:
+        self.negative_fingerprint = fingerprint
 
     def forward(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None) -> GuiderOutput:
         if pred_uncond is None:
@@ -137,7 +173,8 @@ def calibrate_linear_ag(pipe, prompts: list[dict], path, *, num_inference_steps:
     Args:
         pipe: a Modular pipeline with a ``guider`` component (restored afterwards).
         prompts (`list[dict]`): pipeline inputs per calibration run (e.g. ``prompt_embeds``,
-            ``negative_prompt_embeds``, ... or ``prompt``); the negative must be the one you sample with.
+            ``negative_prompt_embeds``, ... or ``prompt``); every run's negative must be the one you sample with
+            (its fingerprint is stored; another negative at sampling time means true CFG, with a warning).
         path: where the calibration is written (atomically, safetensors).
         num_inference_steps, guidance_scale: the sampling settings the calibration is for.
         terms: the regression terms (``samplers.linear_ag.TERMS``; no latent terms).
@@ -154,11 +191,16 @@ def calibrate_linear_ag(pipe, prompts: list[dict], path, *, num_inference_steps:
     recorder = CalibrationRecorder(guidance_scale=guidance_scale)
     previous = pipe.guider
     call_kwargs.setdefault("output", "latents")
-    fit = None
+    fit, negative = None, None
     pipe.update_components(guider=recorder)
     try:
         for inputs in prompts:
             pipe(**inputs, **call_kwargs, num_inference_steps=num_inference_steps)
+            if negative is None:
+                negative = recorder.negative_fingerprint
+            elif not lag.fingerprints_match(recorder.negative_fingerprint, negative):
+                raise ValueError(f"{WHERE} calibration: every run needs the same negative prompt (the one you sample "
+                                 "with); run 1 and a later run differ")
             steps = len(recorder.conds)
             if fit is None:
                 fit = lag.LeastSquaresFit(steps, recorder.conds[0].shape[1], terms)
@@ -174,6 +216,6 @@ def calibrate_linear_ag(pipe, prompts: list[dict], path, *, num_inference_steps:
             "scheduler": type(scheduler).__name__, "model": model,
             "steps": num_inference_steps, "cfg": guidance_scale, "timesteps": recorder.timesteps,
             "prompts": len(prompts), "images": len(prompts) * int(recorder.conds[0].shape[0]), "terms": list(terms)}
-    calibration = lag.Calibration(fit.solve(), schedule[:fit.evaluations].clone(), schedule, torch.zeros(0), info)
+    calibration = lag.Calibration(fit.solve(), schedule[:fit.evaluations].clone(), schedule, negative, info)
     calibration.save(path)
     return calibration

@@ -51,13 +51,15 @@ def quiet(block) -> None:
         quiet(sub_block)
 
 
-def prompt_inputs(seed: int, batch: int = 1) -> dict:
-    """Random prompt and negative embeddings as the SDXL pipeline takes them."""
+def prompt_inputs(seed: int, batch: int = 1, negative_seed: int = -1) -> dict:
+    """Random prompt embeddings (from ``seed``) and negative embeddings (from ``negative_seed``: one negative
+    for every prompt by default, as a fixed negative prompt) as the SDXL pipeline takes them."""
     generator = torch.Generator().manual_seed(seed)
+    negative = torch.Generator().manual_seed(2**31 + negative_seed)
     return {"prompt_embeds": torch.randn(batch, TEXT_TOKENS, TEXT_WIDTH, generator=generator),
-            "negative_prompt_embeds": torch.randn(batch, TEXT_TOKENS, TEXT_WIDTH, generator=generator),
+            "negative_prompt_embeds": torch.randn(batch, TEXT_TOKENS, TEXT_WIDTH, generator=negative),
             "pooled_prompt_embeds": torch.randn(batch, POOLED_WIDTH, generator=generator),
-            "negative_pooled_prompt_embeds": torch.randn(batch, POOLED_WIDTH, generator=generator)}
+            "negative_pooled_prompt_embeds": torch.randn(batch, POOLED_WIDTH, generator=negative)}
 
 
 def concept_inputs(seed: int) -> dict:

@@ -195,6 +195,7 @@ def test_calibration_is_the_nodes_file_format(calibration_file):
     calibration = lag.Calibration.load(calibration_file)
     assert calibration.coefficients.shape == (STEPS, STEPS, 4, len(lag.TERMS))
     assert calibration.info["prediction_space"] == "model_output" and calibration.info["steps"] == STEPS
+    assert calibration.negative_fingerprint.numel() == td.TEXT_TOKENS * td.TEXT_WIDTH
 
 
 def test_linear_ag_follows_its_step_pattern(pipe, inputs, cfg_run, calibration_file):
@@ -227,6 +228,21 @@ def test_linear_ag_mismatch_warns_and_samples_with_true_cfg(pipe, inputs, calibr
         _, calls = run(pipe, LinearAG(calibration=str(calibration_file), guidance_scale=SCALE), inputs, steps=5)
     assert calls == 2 * 5
     assert any("5 steps, calibrated 4" in record.getMessage() for record in caplog.records)
+
+
+def test_linear_ag_with_another_negative_warns_and_samples_with_true_cfg(pipe, calibration_file, caplog):
+    with caplog.at_level(logging.WARNING):
+        _, calls = run(pipe, LinearAG(calibration=str(calibration_file), guidance_scale=SCALE),
+                       td.prompt_inputs(0, negative_seed=5))
+    assert calls == 2 * STEPS
+    assert any("negative prompt differs" in record.getMessage() for record in caplog.records)
+
+
+def test_calibration_refuses_runs_with_different_negatives(pipe, tmp_path):
+    with pytest.raises(ValueError, match="every run needs the same negative prompt"):
+        calibrate_linear_ag(pipe, [td.prompt_inputs(1), td.prompt_inputs(2, negative_seed=5)],
+                            tmp_path / "mixed.safetensors", num_inference_steps=2, guidance_scale=SCALE,
+                            height=td.HEIGHT, width=td.WIDTH)
 
 
 def test_linear_ag_refuses_a_calibration_of_denoised_predictions(calibration_file, tmp_path):
