@@ -33,8 +33,8 @@ class Autoguidance(BaseGuidance):
     ``diffusers.hooks`` hook registered in ``prepare_models`` and removed in ``cleanup_models``.
 
     Args:
-        weak_model (`torch.nn.Module`): the guide; not part of the config (pass it again to
-            ``from_config`` / ``from_pretrained``).
+        weak_model (`torch.nn.Module`): the guide, on the denoiser's device and dtype; not part of the config
+            (pass it again to ``from_config`` / ``from_pretrained``; ``new()`` keeps it).
         guidance_scale (`float`, defaults to `2.0`): w (the paper's presets use 1.7–2.9); 1.0 evaluates the
             main model alone.
         start, stop, enabled: as ``ClassifierFreeGuidance``.

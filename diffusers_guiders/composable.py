@@ -24,7 +24,8 @@ class ComposableGuidance(BaseGuidance):
     Args:
         weights (`list[float]`): w_i per concept, concept 0 first (each in ±100, not all 0).
         concepts (`list[dict[str, torch.Tensor]]`): the conditional inputs of concepts 1.. (one fewer than
-            ``weights``); not part of the config (pass them again to ``from_config``).
+            ``weights``); not part of the config (pass them again to ``from_config`` / ``from_pretrained``;
+            ``new()`` keeps them).
         start, stop, enabled: as ``ClassifierFreeGuidance``; outside the window only concept 0 is evaluated.
     """
 
