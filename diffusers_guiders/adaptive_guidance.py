@@ -5,6 +5,7 @@ from diffusers.guiders import ClassifierFreeGuidance
 from diffusers.guiders.guider_utils import GuiderOutput
 
 from ..samplers import adaptive_guidance as ag
+from .row_skipping import evaluate_rows, release_rows
 from .runs import FreshEachRun, per_sample
 
 # The guider sees the model's raw output p (ε, v or flow velocity), not ComfyUI's denoised prediction:
@@ -20,7 +21,9 @@ class AdaptiveGuidance(FreshEachRun, ClassifierFreeGuidance):
     between the conditional and unconditional predictions, sample with CFG while γ_t < γ̄ and with the
     conditional alone from the first step where γ_t ≥ γ̄ on.  The rule is per sample (a sample that has
     switched continues on its conditional); the unconditional pass is skipped (``num_conditions`` 1) once
-    every sample of the batch has switched.  ``switch_log`` records each switch of the current run.
+    every sample of the batch has switched, and with ``skip_rows`` the unconditional pass before that runs
+    the denoiser on the rows that still need it only (a ``diffusers.hooks`` hook slices every batch-sized
+    input).  ``switch_log`` records each switch of the current run.
 
     Args:
         guidance_scale (`float`, defaults to `7.5`): CFG scale while guidance is on.
@@ -30,12 +33,15 @@ class AdaptiveGuidance(FreshEachRun, ClassifierFreeGuidance):
             `"guidance"` (see ``QUANTITIES``).
         switch_start (`float`, defaults to `0.0`): fraction of the steps before which no sample switches.
         switch_end (`float`, defaults to `1.0`): fraction of the steps after which no switch begins.
+        skip_rows (`bool`, defaults to `False`): evaluate the unconditional on the unswitched samples only
+            (the same images; less compute for a batch whose samples switch at different steps).
         guidance_rescale, use_original_formulation, start, stop, enabled: as ``ClassifierFreeGuidance``.
     """
 
     @register_to_config
     def __init__(self, guidance_scale: float = 7.5, threshold: float = 0.99, quantity: str = "guidance",
-                 switch_start: float = 0.0, switch_end: float = 1.0, guidance_rescale: float = 0.0,
+                 switch_start: float = 0.0, switch_end: float = 1.0, skip_rows: bool = False,
+                 guidance_rescale: float = 0.0,
                  use_original_formulation: bool = False, start: float = 0.0, stop: float = 1.0,
                  enabled: bool = True):
         super().__init__(guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
@@ -45,7 +51,7 @@ class AdaptiveGuidance(FreshEachRun, ClassifierFreeGuidance):
         if not 0.0 <= switch_start <= switch_end <= 1.0:
             raise ValueError(f"AdaptiveGuidance: need 0 <= switch_start <= switch_end <= 1, got {switch_start}, "
                              f"{switch_end}")
-        self.threshold, self.quantity = threshold, quantity
+        self.threshold, self.quantity, self.skip_rows = threshold, quantity, skip_rows
         # Noise levels are 1 − step/steps (decreasing like σ), so the switch window is [1 − end, 1 − start].
         self._window = (1.0 - switch_start, 1.0 - switch_end)
         self.start_run()
@@ -66,6 +72,20 @@ class AdaptiveGuidance(FreshEachRun, ClassifierFreeGuidance):
     @property
     def num_conditions(self) -> int:
         return 2 if self._is_cfg_enabled() and not self._all_switched() else 1
+
+    def _rows_to_skip(self) -> torch.Tensor | None:
+        """Bool [B] of the samples whose unconditional this step skips (None before the first batch is seen)."""
+        switched = self._switch.switch_sigma
+        return None if switched is None else self._noise_level() < switched
+
+    def prepare_models(self, denoiser: torch.nn.Module) -> None:
+        super().prepare_models(denoiser)
+        skipped = self._rows_to_skip()
+        if self.skip_rows and self.is_unconditional and skipped is not None and skipped.any():
+            evaluate_rows(denoiser, ~skipped)
+
+    def cleanup_models(self, denoiser: torch.nn.Module) -> None:
+        release_rows(denoiser)
 
     def forward(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None) -> GuiderOutput:
         if pred_uncond is None:

@@ -107,6 +107,28 @@ def test_ag_per_sample_rule_and_batch_level_skip():
     assert guider.num_conditions == 2 and guider.switch_log == []
 
 
+def test_ag_skip_rows_evaluates_the_unswitched_samples_only(pipe):
+    """Batch of 2 whose samples switch at different steps: with ``skip_rows`` the unconditional pass runs on the
+    rows that still need it (one row per sample and step, plus one per step up to each sample's switch)."""
+    inputs, rows = td.prompt_inputs(0, batch=2), {"count": 0}
+    handle = pipe.unet.conv_in.register_forward_pre_hook(lambda module, args: rows.update(count=rows["count"] +
+                                                                                           len(args[0])))
+    steps, results = 8, {}
+    try:
+        for skip_rows in (False, True):
+            guider = AdaptiveGuidance(guidance_scale=SCALE, threshold=0.9, skip_rows=skip_rows)
+            rows["count"] = 0
+            results[skip_rows] = run(pipe, guider, inputs, steps=steps)[0], rows["count"], guider.switch_log
+    finally:
+        handle.remove()
+    switch_steps = {sample: entry["step"] for entry in results[True][2] for sample in entry["samples"]}
+    assert len(set(switch_steps.values())) == 2, "the samples must switch at different steps for this test"
+    assert results[True][1] == sum(steps + step + 1 for step in switch_steps.values())
+    assert results[False][1] == 2 * steps + 2 * (max(switch_steps.values()) + 1) > results[True][1]
+    assert torch.allclose(results[True][0], results[False][0], atol=1e-5)
+    assert pipe.unet._diffusers_hook.hooks == {}
+
+
 def test_ag_prediction_quantity_is_the_cosine_of_the_model_outputs():
     guider = AdaptiveGuidance(guidance_scale=SCALE, threshold=0.0, quantity="prediction")
     cond, uncond = torch.randn(2, 1, 4, 4, 4).unbind(0)
