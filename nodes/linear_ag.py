@@ -49,7 +49,6 @@ from .contract.training_guard import Need, check_interrupt, check_memory, log_wo
 
 logger = logging.getLogger(__name__)
 FOLDER = "linear_ag"
-FINGERPRINT_SIZE = 4096
 SIGMA_RTOL = 1e-4
 LinearAGCalibration = io.Custom("GUIDANCE_KIT_LINEAR_AG")
 CALIBRATED_MODEL_TOOLTIP = "The calibrated diffusion model (it is cloned, never modified)."
@@ -61,20 +60,8 @@ CFG_RTOL = 1e-3
 
 
 def negative_fingerprint(cond_list) -> torch.Tensor:
-    """Evenly strided sample (≤ 4096 values) of the negative's cross-attention conditioning."""
-    tensors = [entry["cross_attn"].flatten().float().cpu() for entry in cond_list or [] if "cross_attn" in entry]
-    if not tensors:
-        return torch.zeros(0)
-    flat = torch.cat(tensors)
-    return flat[::max(1, flat.numel() // FINGERPRINT_SIZE)][:FINGERPRINT_SIZE].contiguous()
-
-
-def fingerprints_match(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.shape != b.shape:
-        return False
-    if a.numel() == 0:
-        return True
-    return float((a - b).abs().max()) <= 1e-2 * float(b.std().clamp_min(1e-6))
+    """``linear_ag.conditioning_fingerprint`` of the negative's cross-attention conditioning."""
+    return lag.conditioning_fingerprint([entry["cross_attn"] for entry in cond_list or [] if "cross_attn" in entry])
 
 
 def full_cfg_trajectories(model, positives: list, negative, latent: dict, *, seed: int, steps: int, cfg: float,
@@ -188,7 +175,7 @@ class LinearAGRun:
             if evaluator.x.shape[1] != calibration.coefficients.shape[2]:
                 self.problem = (f"latent has {evaluator.x.shape[1]} channels, calibrated "
                                 f"{calibration.coefficients.shape[2]}")
-            elif not fingerprints_match(negative_fingerprint(evaluator.uncond), calibration.negative_fingerprint):
+            elif not lag.fingerprints_match(negative_fingerprint(evaluator.uncond), calibration.negative_fingerprint):
                 negative = calibration.info.get('negative_prompt')
                 self.problem = f"negative prompt differs from the calibrated {negative!r}"
         if self.problem is None:

@@ -132,6 +132,27 @@ def heldout_errors(coefficients: torch.Tensor, terms, xs: list, conds: list, unc
     return {name: total / len(targets) for name, total in totals.items()}
 
 
+FINGERPRINT_SIZE = 4096
+
+
+def conditioning_fingerprint(tensors) -> torch.Tensor:
+    """Evenly strided sample (≤ ``FINGERPRINT_SIZE`` values) of conditioning tensors flattened in order (the
+    negative's, stored in a calibration); empty for none."""
+    if not tensors:
+        return torch.zeros(0)
+    flat = torch.cat([tensor.flatten().float().cpu() for tensor in tensors])
+    return flat[::max(1, flat.numel() // FINGERPRINT_SIZE)][:FINGERPRINT_SIZE].contiguous()
+
+
+def fingerprints_match(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape and values within 1% of the calibrated fingerprint's spread (an empty one matches any empty)."""
+    if a.shape != b.shape:
+        return False
+    if a.numel() == 0:
+        return True
+    return float((a - b).abs().max()) <= 1e-2 * float(b.std().clamp_min(1e-6))
+
+
 FORMAT = "guidance_kit.linear_ag/1"
 TENSOR_KEYS = ("coefficients", "evaluation_sigmas", "schedule", "negative_fingerprint")
 

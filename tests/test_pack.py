@@ -7,7 +7,7 @@ from pathlib import Path
 import tomllib
 
 REPO = Path(__file__).resolve().parent.parent
-PURE_PACKAGES = ("samplers", "toyworld")
+PURE_PACKAGES = ("samplers", "toyworld", "diffusers_guiders")  # diffusers_guiders: over diffusers, never ComfyUI
 # toyworld v2's models are ComfyUI's own classes (Flux, AutoencoderKL, T5) at a small size, so that the pack's
 # block-level code runs on a real family's code: the modules that build, store, train and sample them are the
 # one exception (its scenes and oracle stay pure).

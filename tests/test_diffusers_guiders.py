@@ -1,0 +1,345 @@
+"""The diffusers guiders (diffusers_guiders/): each guider against its samplers/ function, and end to end
+through a tiny Modular SDXL pipeline with a UNet-call counter.  Offline: nothing is downloaded."""
+import copy
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from diffusers.guiders import ClassifierFreeGuidance  # noqa: E402
+
+from guidance_kit.diffusers_guiders import (  # noqa: E402
+    AdaptiveGuidance,
+    Autoguidance,
+    ComposableGuidance,
+    LinearAG,
+    calibrate_linear_ag,
+)
+from guidance_kit.samplers import adaptive_guidance as ag  # noqa: E402
+from guidance_kit.samplers import linear_ag as lag  # noqa: E402
+from guidance_kit.samplers.autoguidance import autoguide  # noqa: E402
+from guidance_kit.samplers.composable import compose  # noqa: E402
+from guidance_kit.samplers.similarity import per_sample_cosine  # noqa: E402
+from harness import tiny_diffusers as td  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS, SCALE = 4, 5.0
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = td.tiny_sdxl_pipeline(seed=0)
+    pipe.counter = td.CallCounter().attach(pipe.unet)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return td.prompt_inputs(0)
+
+
+def run(pipe, guider, inputs, steps=STEPS):
+    """(final latents, real UNet evaluations) of one call with ``guider``."""
+    pipe.update_components(guider=guider)
+    pipe.counter.calls = 0
+    return td.generate(pipe, inputs, steps), pipe.counter.calls
+
+
+@pytest.fixture(scope="module")
+def cfg_run(pipe, inputs):
+    return run(pipe, ClassifierFreeGuidance(guidance_scale=SCALE), inputs)
+
+
+def step(guider, index, steps=STEPS, timestep=None):
+    guider.set_state(index, steps, torch.tensor(1000.0 - index if timestep is None else timestep))
+
+
+# Adaptive Guidance
+
+def test_ag_at_threshold_one_is_classifier_free_guidance(pipe, inputs, cfg_run):
+    latents, calls = run(pipe, AdaptiveGuidance(guidance_scale=SCALE, threshold=1.0), inputs)
+    assert calls == cfg_run[1] == 2 * STEPS
+    assert torch.equal(latents, cfg_run[0])
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.9])
+def test_ag_skips_the_unconditional_passes_its_switch_log_says(pipe, inputs, cfg_run, threshold):
+    guider = AdaptiveGuidance(guidance_scale=SCALE, threshold=threshold)
+    latents, calls = run(pipe, guider, inputs)
+    assert guider.switch_log, "the sample never switched: the test would not exercise a skip"
+    assert calls == td.calls_from_switch_log(guider.switch_log, STEPS) < 2 * STEPS
+    assert not torch.allclose(latents, cfg_run[0])
+    again, calls_again = run(pipe, guider, inputs)  # fresh state at step 0: the same run again
+    assert calls_again == calls and torch.equal(again, latents)
+
+
+def test_ag_per_sample_rule_and_batch_level_skip():
+    guider = AdaptiveGuidance(guidance_scale=SCALE, threshold=0.95)
+    cond = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    near = cond + 0.01 * torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    far = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    uncond = torch.stack([near[0], far[1]])  # sample 0 agrees with its conditional, sample 1 does not
+    cfg = ClassifierFreeGuidance(guidance_scale=SCALE).forward(cond, uncond).pred
+
+    step(guider, 0)
+    assert guider.num_conditions == 2
+    out = guider.forward(cond, uncond).pred
+    assert torch.equal(out, cfg)  # the sample switching now keeps CFG at this step
+    gamma = ag.similarity("guidance", None, cond, uncond, cfg_scale=SCALE)
+    assert guider.switch_log == [{"step": 0, "samples": [0], "cosine": [pytest.approx(float(gamma[0]))]}]
+
+    step(guider, 1)
+    assert guider.num_conditions == 2  # sample 1 still needs its unconditional
+    out = guider.forward(cond, uncond).pred
+    assert torch.equal(out[0], cond[0]) and torch.equal(out[1], cfg[1])
+
+    step(guider, 2)
+    guider.forward(cond, torch.stack([near[0], near[1]]))  # now sample 1 switches too
+    step(guider, 3)
+    assert guider.num_conditions == 1
+    assert torch.equal(guider.forward(cond).pred, cond)
+
+    step(guider, 0)  # a new run
+    assert guider.num_conditions == 2 and guider.switch_log == []
+
+
+def test_ag_skip_rows_evaluates_the_unswitched_samples_only(pipe):
+    """Batch of 2 whose samples switch at different steps: with ``skip_rows`` the unconditional pass runs on the
+    rows that still need it (one row per sample and step, plus one per step up to each sample's switch)."""
+    inputs, rows = td.prompt_inputs(0, batch=2), {"count": 0}
+    handle = pipe.unet.conv_in.register_forward_pre_hook(lambda module, args: rows.update(count=rows["count"] +
+                                                                                           len(args[0])))
+    steps, results = 8, {}
+    try:
+        for skip_rows in (False, True):
+            guider = AdaptiveGuidance(guidance_scale=SCALE, threshold=0.9, skip_rows=skip_rows)
+            rows["count"] = 0
+            results[skip_rows] = run(pipe, guider, inputs, steps=steps)[0], rows["count"], guider.switch_log
+    finally:
+        handle.remove()
+    switch_steps = {sample: entry["step"] for entry in results[True][2] for sample in entry["samples"]}
+    assert len(set(switch_steps.values())) == 2, "the samples must switch at different steps for this test"
+    assert results[True][1] == sum(steps + step + 1 for step in switch_steps.values())
+    assert results[False][1] == 2 * steps + 2 * (max(switch_steps.values()) + 1) > results[True][1]
+    assert torch.allclose(results[True][0], results[False][0], atol=1e-5)
+    assert pipe.unet._diffusers_hook.hooks == {}
+
+
+def test_ag_prediction_quantity_is_the_cosine_of_the_model_outputs():
+    guider = AdaptiveGuidance(guidance_scale=SCALE, threshold=0.0, quantity="prediction")
+    cond, uncond = torch.randn(2, 1, 4, 4, 4).unbind(0)
+    step(guider, 0)
+    guider.forward(cond, uncond)
+    assert guider.switch_log[0]["cosine"] == [pytest.approx(float(per_sample_cosine(cond, uncond)[0]))]
+
+
+def test_ag_rejects_bad_settings():
+    with pytest.raises(ValueError, match="quantity"):
+        AdaptiveGuidance(quantity="noise")
+    with pytest.raises(ValueError, match="threshold"):
+        AdaptiveGuidance(threshold=1.5)
+    with pytest.raises(ValueError, match="switch_start"):
+        AdaptiveGuidance(switch_start=0.8, switch_end=0.2)
+
+
+# Composable
+
+def test_composable_with_one_concept_is_classifier_free_guidance(pipe, inputs, cfg_run):
+    latents, calls = run(pipe, ComposableGuidance(weights=[SCALE]), inputs)
+    assert calls == 2 * STEPS
+    assert torch.allclose(latents, cfg_run[0], atol=1e-5)
+
+
+def test_composable_evaluates_every_concept_and_composes_them(pipe, inputs, cfg_run):
+    guider = ComposableGuidance(weights=[SCALE, -2.0], concepts=[td.concept_inputs(3)])
+    latents, calls = run(pipe, guider, inputs)
+    assert calls == 3 * STEPS
+    assert not torch.allclose(latents, cfg_run[0], atol=1e-3)
+    u, c0, c1 = torch.randn(3, 1, 4, 8, 8).unbind(0)
+    out = guider.forward(pred_uncond=u, pred_concept_0=c0, pred_concept_1=c1).pred
+    assert torch.equal(out, compose(u, [c0, c1], [SCALE, -2.0]))
+
+
+def test_composable_errors_name_the_guider_and_the_input(pipe, inputs):
+    with pytest.raises(ValueError, match="ComposableGuidance: 2 weights need 1 concepts"):
+        ComposableGuidance(weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="ComposableGuidance: every concept weight is 0"):
+        ComposableGuidance(weights=[0.0])
+    with pytest.raises(ValueError, match=r"ComposableGuidance: concept inputs \['pooled'\]"):
+        run(pipe, ComposableGuidance(weights=[SCALE, 1.0], concepts=[{"pooled": torch.zeros(1, 32)}]), inputs)
+
+
+# Autoguidance
+
+def test_autoguidance_runs_the_weak_model_for_the_guide_pass(pipe, inputs):
+    weak = td.tiny_unet(seed=7, width=16)
+    weak_counter = td.CallCounter().attach(weak)
+    latents, calls = run(pipe, Autoguidance(weak_model=weak, guidance_scale=2.0), inputs)
+    assert calls == STEPS and weak_counter.calls == STEPS
+    assert pipe.unet._diffusers_hook.hooks == {}  # the hook is gone after each guide pass
+    plain, _ = run(pipe, ClassifierFreeGuidance(guidance_scale=1.0), inputs)
+    assert not torch.allclose(latents, plain, atol=1e-3)
+    main, weak_pred = torch.randn(2, 1, 4, 8, 8).unbind(0)
+    guider = Autoguidance(weak_model=weak, guidance_scale=2.0)
+    assert torch.equal(guider.forward(main, weak_pred).pred, autoguide(main, weak_pred, 2.0))
+
+
+def test_autoguidance_with_an_identical_guide_is_the_conditional_alone(pipe, inputs):
+    twin = copy.deepcopy(pipe.unet)
+    latents, _ = run(pipe, Autoguidance(weak_model=twin, guidance_scale=2.0), inputs)
+    plain, _ = run(pipe, ClassifierFreeGuidance(guidance_scale=1.0), inputs)
+    assert torch.allclose(latents, plain, atol=1e-5)
+
+
+def test_autoguidance_refuses_the_denoiser_as_its_own_guide(pipe, inputs):
+    with pytest.raises(ValueError, match="Autoguidance: weak_model is the denoiser itself"):
+        run(pipe, Autoguidance(weak_model=pipe.unet), inputs)
+    pipe.unet._diffusers_hook.hooks.clear()
+
+
+# LinearAG
+
+@pytest.fixture(scope="module")
+def calibration_file(pipe, tmp_path_factory):
+    path = tmp_path_factory.mktemp("linear_ag") / "tiny_sdxl.safetensors"
+    pipe.update_components(guider=ClassifierFreeGuidance(guidance_scale=SCALE))
+    calibrate_linear_ag(pipe, [td.prompt_inputs(seed) for seed in (1, 2, 3)], path, num_inference_steps=STEPS,
+                        guidance_scale=SCALE, height=td.HEIGHT, width=td.WIDTH)
+    assert isinstance(pipe.guider, ClassifierFreeGuidance) and not isinstance(pipe.guider, LinearAG)
+    return path
+
+
+def test_calibration_is_the_nodes_file_format(calibration_file):
+    calibration = lag.Calibration.load(calibration_file)
+    assert calibration.coefficients.shape == (STEPS, STEPS, 4, len(lag.TERMS))
+    assert calibration.info["prediction_space"] == "model_output" and calibration.info["steps"] == STEPS
+    assert calibration.negative_fingerprint.numel() == td.TEXT_TOKENS * td.TEXT_WIDTH
+
+
+def test_linear_ag_follows_its_step_pattern(pipe, inputs, cfg_run, calibration_file):
+    guider = LinearAG(calibration=str(calibration_file), guidance_scale=SCALE, true_every=2, guided_until=0.5)
+    assert guider._pattern == [lag.TRUE, lag.REGRESSED, lag.CONDITIONAL, lag.CONDITIONAL]
+    latents, calls = run(pipe, guider, inputs)
+    assert calls == 2 + 1 + 1 + 1
+    assert not torch.allclose(latents, cfg_run[0], atol=1e-4)
+
+
+def test_linear_ag_regressed_step_is_the_samplers_regression(calibration_file):
+    guider = LinearAG(calibration=str(calibration_file), guidance_scale=SCALE)
+    calibration = lag.Calibration.load(calibration_file)
+    timesteps = calibration.info["timesteps"]
+    c0, u0, c1 = torch.randn(3, 1, 4, 8, 8).unbind(0)
+    step(guider, 0, timestep=timesteps[0])
+    assert guider.num_conditions == 2
+    guider.forward(c0, u0)
+    step(guider, 1, timestep=timesteps[1])
+    assert guider.num_conditions == 1
+    regressed = lag.predict_uncond(calibration.coefficients[0, 1], [c1, c0, u0])
+    expected = ClassifierFreeGuidance(guidance_scale=SCALE).forward(c1, regressed).pred
+    assert torch.allclose(guider.forward(c1).pred, expected)
+    step(guider, 2, timestep=timesteps[2])
+    assert guider.num_conditions == 1 and torch.equal(guider.forward(c1).pred, c1)
+
+
+def test_linear_ag_mismatch_warns_and_samples_with_true_cfg(pipe, inputs, calibration_file, caplog):
+    with caplog.at_level(logging.WARNING):
+        _, calls = run(pipe, LinearAG(calibration=str(calibration_file), guidance_scale=SCALE), inputs, steps=5)
+    assert calls == 2 * 5
+    assert any("5 steps, calibrated 4" in record.getMessage() for record in caplog.records)
+
+
+def test_linear_ag_with_another_negative_warns_and_samples_with_true_cfg(pipe, calibration_file, caplog):
+    with caplog.at_level(logging.WARNING):
+        _, calls = run(pipe, LinearAG(calibration=str(calibration_file), guidance_scale=SCALE),
+                       td.prompt_inputs(0, negative_seed=5))
+    assert calls == 2 * STEPS
+    assert any("negative prompt differs" in record.getMessage() for record in caplog.records)
+
+
+def test_calibration_refuses_runs_with_different_negatives(pipe, tmp_path):
+    with pytest.raises(ValueError, match="every run needs the same negative prompt"):
+        calibrate_linear_ag(pipe, [td.prompt_inputs(1), td.prompt_inputs(2, negative_seed=5)],
+                            tmp_path / "mixed.safetensors", num_inference_steps=2, guidance_scale=SCALE,
+                            height=td.HEIGHT, width=td.WIDTH)
+
+
+def test_linear_ag_refuses_a_calibration_of_denoised_predictions(calibration_file, tmp_path):
+    calibration = lag.Calibration.load(calibration_file)
+    comfyui_style = lag.Calibration(calibration.coefficients, calibration.evaluation_sigmas, calibration.schedule,
+                                    calibration.negative_fingerprint,
+                                    {k: v for k, v in calibration.info.items() if k != "prediction_space"})
+    comfyui_style.save(tmp_path / "comfyui.safetensors")
+    with pytest.raises(ValueError, match="fitted on ComfyUI denoised predictions"):
+        LinearAG(calibration=str(tmp_path / "comfyui.safetensors"))
+
+
+# All guiders
+
+def public(config) -> dict:
+    return {key: value for key, value in config.items() if not key.startswith("_")}
+
+
+def test_config_round_trip(calibration_file, tmp_path):
+    weak = td.tiny_unet(seed=7, width=16)
+    guiders = [AdaptiveGuidance(guidance_scale=3.0, threshold=0.9, quantity="prediction", switch_end=0.5),
+               LinearAG(calibration=str(calibration_file), guidance_scale=SCALE, true_every=3),
+               ComposableGuidance(weights=[3.0, -1.0], concepts=[td.concept_inputs(1)]),
+               Autoguidance(weak_model=weak, guidance_scale=2.5)]
+    runtime = {ComposableGuidance: {"concepts": [td.concept_inputs(1)]}, Autoguidance: {"weak_model": weak}}
+    for guider in guiders:
+        folder = tmp_path / type(guider).__name__
+        guider.save_pretrained(folder)
+        loaded = type(guider).from_pretrained(folder, **runtime.get(type(guider), {}))
+        assert public(loaded.config) == public(guider.config)
+        assert public(guider.new().config) == public(guider.config)
+    ag_copy = guiders[0].new(threshold=0.5)
+    assert (ag_copy.guidance_scale, ag_copy.threshold, ag_copy.quantity, ag_copy._window) == (3.0, 0.5, "prediction",
+                                                                                               (1.0, 0.5))
+    assert LinearAG.from_pretrained(tmp_path / "LinearAG")._pattern == lag.step_pattern(STEPS, 3, 0.5)
+    assert guiders[2].new().concepts[0] is guiders[2].concepts[0] and guiders[3].new().weak_model is weak
+
+
+# The toy-world example (scripts/toy_diffusers_guiders.py)
+
+def test_toy_example_loop_runs_the_guiders_on_the_toy_model():
+    import importlib.util
+
+    from guidance_kit.toyworld import scenes, weights
+
+    spec = importlib.util.spec_from_file_location("toy_diffusers_guiders",
+                                                  REPO / "scripts" / "toy_diffusers_guiders.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    dit, text_encoder = weights.load_main()
+    cond = text_encoder(torch.tensor([scenes.tokenize(scenes.dev_prompts()[0][0])]))
+    uncond = text_encoder(torch.tensor([scenes.tokenize("")]))
+    cfg = example.denoise(ClassifierFreeGuidance(guidance_scale=4.0), dit, cond, uncond, steps=3, seed=0)
+    same = example.denoise(AdaptiveGuidance(guidance_scale=4.0, threshold=1.0), dit, cond, uncond, steps=3, seed=0)
+    weak = example.denoise(Autoguidance(weak_model=weights.load_weak(), guidance_scale=2.0), dit, cond, uncond,
+                           steps=3, seed=0)
+    assert torch.equal(cfg, same) and not torch.allclose(cfg, weak)
+
+
+def test_docs_quick_start_runs(monkeypatch, capsys):
+    page = (REPO / "docs" / "diffusers.md").read_text()
+    block = page.split("## Quick start", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr("sys.path", list(__import__("sys").path))
+    exec(compile(block, "docs/diffusers.md", "exec"), {})  # noqa: S102 (the page's own example)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "ClassifierFreeGuidance UNet calls: 16"
+    assert printed[1].startswith("AdaptiveGuidance UNet calls: ") and int(printed[1].split()[-1]) < 16
+
+
+def test_guiders_guide_only_inside_their_start_stop_window():
+    composable = ComposableGuidance(weights=[SCALE, 1.0], concepts=[td.concept_inputs(1)], stop=0.5)
+    autoguidance = Autoguidance(weak_model=td.tiny_unet(seed=7, width=16), start=0.5)
+    for index, (composable_conditions, autoguidance_conditions) in enumerate([(3, 1), (3, 1), (1, 2), (1, 2)]):
+        step(composable, index)
+        step(autoguidance, index)
+        assert (composable.num_conditions, autoguidance.num_conditions) == \
+            (composable_conditions, autoguidance_conditions)
