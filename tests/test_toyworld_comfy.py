@@ -108,7 +108,7 @@ def test_guidance_matters_on_dev_single_prompts(toy):
 
     guided, unguided = pass_rate(4.0), pass_rate(1.0)
     assert guided > unguided, (guided, unguided)
-    assert guided >= 0.75  # the committed weights pass 0.95 of dev single prompts (README: Toy world quality)
+    assert guided >= 0.75  # the committed weights pass 0.95 of dev single prompts (docs/toyworld.md)
 
 
 def test_shipped_linear_ag_calibration_belongs_to_the_committed_model(toy):
