@@ -12,6 +12,15 @@
   the heads by the uncertainty loss (``samplers/deediff.py``, Eq. 6) with the model's own final
   prediction as the target.  The loop is the shared training core (``samplers/training.py``): one
   process by default, ``torchrun`` / ``accelerate launch`` with no code change, resumable checkpoints.
+* Joint training (``train_joint``, the Train node's ``adapter_rank`` > 0): the paper's L_UAL + L_u with the
+  backbone's blocks adapted by low-rank updates of their attention and MLP projections (``adapter_shapes``,
+  ``samplers.lora.WeightDeltas``), plus self-distillation of the full-depth output onto the frozen model's
+  (``samplers.deediff.joint_loss``).  Each step replays recorded rows through the model with the merged weights in
+  place (``torch.func.functional_call``; the MODEL is never modified) against the frozen outputs computed once
+  (``joint_data``).  The bundle is ``guidance_kit.deediff/2``: heads, adapters (``adapters.up.<i>`` /
+  ``adapters.down.<i>``, weight names and shapes in the identity) and the model's identity.  DeeDiff Early Exit
+  adds the adapters to the clone as ComfyUI LoRA weight patches (``adapter_patches``), so they leave with the
+  clone; ``load_heads`` reads /1 (heads only) and /2.
 * The exit patch (``DeeDiffTechnique``, installed through ``contract.install``): a block replacement
   on every block (wrapping any replacement already there) and an APPLY_MODEL wrapper that opens one
   ``ForwardExits`` per model call inside a sampling run.  Rows exit independently (cond and uncond
@@ -797,8 +806,9 @@ class DeeDiffLoad(io.ComfyNode):
             display_name=LOAD_NODE,
             category=CATEGORY,
             inputs=[io.Combo.Input("heads", options=model_files.choices(FOLDER),
-                                   tooltip="Heads written by DeeDiff Train Heads (models/deediff/), or the shipped "
-                                           "heads of the toy model.")],
+                                   tooltip="Heads (and, from joint training, the model's adapters) written by DeeDiff "
+                                           "Train Heads (models/deediff/), or the shipped toy bundles: "
+                                           "toy_dit_heads (heads only), toy_dit_joint (heads + adapters).")],
             outputs=[DeeDiffHeads.Output(display_name="heads")],
         )
 
