@@ -187,3 +187,16 @@ def test_joint_training_under_torchrun_matches_one_process(tmp_path):
     difference = max(float((a[k] - b[k]).abs().max()) for k in a)
     print(f"1 vs 2 processes: max parameter difference {difference:.3g}")
     assert difference < WORLD_SIZE_TOLERANCE
+
+
+def test_the_shipped_joint_toy_bundle_fits_the_toy_model(toy):
+    from guidance_kit.nodes.deediff import DeeDiffLoad, apply_adapters, patch_deediff
+
+    shipped = run_node(DeeDiffLoad, "toy_dit_joint.safetensors")[0]
+    assert shipped.adapters is not None and shipped.identity["adapters"]["rank"] == 4
+    assert len(shipped.adapters.names) == 32
+    adapted, full_rows, _ = toy_sample(apply_adapters(toy.model, shipped), toy.clip)
+    exits, rows, _ = toy_sample(patch_deediff(toy.model, shipped, 1.0), toy.clip)
+    assert torch.equal(exits, adapted) and rows == full_rows
+    _, rows, _ = toy_sample(patch_deediff(toy.model, shipped, 0.8), toy.clip)
+    assert sum(rows) < sum(full_rows)
