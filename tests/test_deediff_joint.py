@@ -200,3 +200,18 @@ def test_the_shipped_joint_toy_bundle_fits_the_toy_model(toy):
     assert torch.equal(exits, adapted) and rows == full_rows
     _, rows, _ = toy_sample(patch_deediff(toy.model, shipped, 0.8), toy.clip)
     assert sum(rows) < sum(full_rows)
+
+
+def test_joint_memory_needs_grow_with_the_batch(toy):
+    from guidance_kit.nodes import deediff as adapter
+
+    arch = adapter.architecture(toy.model, "test")
+
+    def needs(batch_size):
+        return {need.input: need.bytes for need in adapter.memory_needs(
+            toy.model, arch, toy.latent(2), toy.negative, runs=2, rows_per_run=16, training_rows=32,
+            batch_size=batch_size, hidden=0, joint=True)}
+
+    small, large = needs(8), needs(16)
+    assert large["batch_size"] == 2 * small["batch_size"] > 8 * 8 * 80 * 128 * 4  # every block's activations
+    assert set(small) == {"prompts", "training_rows", "batch_size"}
