@@ -5,8 +5,10 @@ Every configuration samples the same prompts with the same noise (``runner.run``
 of the DiT's 8 blocks (``Result.blocks``), so plain CFG costs 2 rows x 8 blocks per image and step.
 
 * ``full``: plain CFG on the full model (the reference);
-* ``exit_<threshold>``: the DeeDiff Early Exit patch with the shipped toy heads
-  (``toyworld/deediff/toy_dit_heads.safetensors``) at a sweep of confidence thresholds;
+* ``exit_<threshold>``: the DeeDiff Early Exit patch with a bundle (``--heads``; default the shipped joint toy bundle
+  ``toyworld/deediff/toy_dit_joint.safetensors``, heads + block adapters; ``toy_dit_heads.safetensors`` is the
+  heads-only one) at a sweep of confidence thresholds (``--thresholds``);
+* ``adapted`` (validation, bundles with adapters): threshold 1.0, the adapted full model against the original;
 * ``cache_<threshold>``: the caching peer, First-Block-Cache (``FirstBlockCache``): per model row, block 1 always
   runs; when its residual changed by less than the threshold (mean absolute change relative to the residual of the
   last step that ran in full), the row reuses that step's residual of blocks 2-8 and skips them.  ComfyUI core's
@@ -25,7 +27,8 @@ at the ``QUICK_CACHE_THRESHOLDS`` value whose blocks are closest to DeeDiff's;
 ``--every n``: every n-th prompt of each set (the sets list single, relation, then mirror prompts, so every kind
 stays in).
 
-``--probe``: why exits cost quality on the toy model (``probe``); ``--timing``: wall time, interleaved.
+``--probe``: exit error per block and simulated exits on dev rows (``probe``); ``--timing``: wall time, interleaved
+rounds of full / DeeDiff / First-Block-Cache / AG + DeeDiff, ratio mean ± SE against the block-row ratio.
 
 Last line: JSON.
 """
