@@ -693,8 +693,9 @@ class DeeDiffTrain(io.ComfyNode):
             display_name=TRAIN_NODE,
             category=CATEGORY,
             description="Trains DeeDiff's uncertainty heads (one per transformer block) for this MODEL, data-free: "
-                        "on the inputs of full-CFG sampling runs over the prompts. Saved to models/deediff/; "
-                        "resumes an interrupted run of the same settings.",
+                        "on the inputs of full-CFG sampling runs over the prompts. With adapter_rank > 0 it also "
+                        "trains low-rank adapters of the blocks (the paper's joint training) so early blocks become "
+                        "exits. Saved to models/deediff/; resumes an interrupted run of the same settings.",
             is_output_node=True,
             inputs=[
                 model_input("The diffusion transformer to train heads for (it is not modified)."),
