@@ -5,8 +5,10 @@ Every configuration samples the same prompts with the same noise (``runner.run``
 of the DiT's 8 blocks (``Result.blocks``), so plain CFG costs 2 rows x 8 blocks per image and step.
 
 * ``full``: plain CFG on the full model (the reference);
-* ``exit_<threshold>``: the DeeDiff Early Exit patch with the shipped toy heads
-  (``toyworld/deediff/toy_dit_heads.safetensors``) at a sweep of confidence thresholds;
+* ``exit_<threshold>``: the DeeDiff Early Exit patch with a bundle (``--heads``; default the shipped joint toy bundle
+  ``toyworld/deediff/toy_dit_joint.safetensors``, heads + block adapters; ``toy_dit_heads.safetensors`` is the
+  heads-only one) at a sweep of confidence thresholds (``--thresholds``);
+* ``adapted`` (validation, bundles with adapters): threshold 1.0, the adapted full model against the original;
 * ``cache_<threshold>``: the caching peer, First-Block-Cache (``FirstBlockCache``): per model row, block 1 always
   runs; when its residual changed by less than the threshold (mean absolute change relative to the residual of the
   last step that ran in full), the row reuses that step's residual of blocks 2-8 and skips them.  ComfyUI core's
@@ -25,7 +27,8 @@ at the ``QUICK_CACHE_THRESHOLDS`` value whose blocks are closest to DeeDiff's;
 ``--every n``: every n-th prompt of each set (the sets list single, relation, then mirror prompts, so every kind
 stays in).
 
-``--probe``: why exits cost quality on the toy model (``probe``); ``--timing``: wall time, interleaved.
+``--probe``: exit error per block and simulated exits on dev rows (``probe``); ``--timing``: wall time, interleaved
+rounds of full / DeeDiff / First-Block-Cache / AG + DeeDiff, ratio mean ± SE against the block-row ratio.
 
 Last line: JSON.
 """
@@ -196,9 +199,12 @@ def choose(dev: dict, candidates: list[str], target: dict) -> str:
 
 def probe(world, heads, prompts, thresholds=(0.7, 0.75, 0.8, 0.85, 0.88, 0.9)) -> dict:
     """Every exit's prediction through the shared head against the final one, on the recorded model rows of
-    full-CFG runs of ``prompts``: mean |error| and mean confidence per exit, their correlation, and the blocks
-    and mean exit error a threshold gives when exits are simulated on those rows."""
+    full-CFG runs of ``prompts`` (through the adapted model when ``heads`` has adapters): mean |error| and mean
+    confidence per exit, their correlation, the blocks and mean exit error a threshold gives when exits are
+    simulated on those rows, and (with adapters) the adapted full model's mean |difference| to the original's."""
     import torch
+
+    import comfy.model_management
 
     from guidance_kit.nodes import deediff as adapter
     from guidance_kit.nodes.toyworld import ToyWorldEmptyLatent
@@ -208,14 +214,21 @@ def probe(world, heads, prompts, thresholds=(0.7, 0.75, 0.8, 0.85, 0.88, 0.9)) -
                                             ToyWorldEmptyLatent.execute(SEEDS)[0], seed=0, steps=STEPS, cfg=CFG_SCALE,
                                             sampler_name="euler", scheduler="simple")
     arch = adapter.architecture(world.model, "probe")
-    confidences, errors = [], []
-    for part in torch.arange(len(recording)).split(64):
-        hidden, vec = adapter.block_outputs(world.model, arch, *recording.rows(part))
+    parts = torch.arange(len(recording)).split(64)
+    originals = [adapter.exit_predictions(world.model, arch, *_last(adapter.block_outputs(
+        world.model, arch, *recording.rows(part))))[0] for part in parts]
+    model = adapter.apply_adapters(world.model, heads)
+    comfy.model_management.load_models_gpu([model])
+    confidences, errors, drift = [], [], []
+    for part, original in zip(parts, originals):
+        hidden, vec = adapter.block_outputs(model, arch, *recording.rows(part))
+        predictions = adapter.exit_predictions(model, arch, hidden, vec)
         with torch.no_grad():
-            predictions = [arch.output_tokens(h, vec) for h in hidden]
             confidences.append(torch.stack([deediff.confidence(heads.heads(i, hidden[i], vec))
                                             for i in range(heads.heads.exits)], 1))
-            errors.append(torch.stack([(p - predictions[-1]).abs().flatten(1).mean(1) for p in predictions[:-1]], 1))
+        errors.append(torch.stack([(p - predictions[-1]).abs().flatten(1).mean(1) for p in predictions[:-1]], 1))
+        drift.append((predictions[-1] - original).abs().flatten(1).mean(1))
+    comfy.model_management.load_models_gpu([world.model])
     confidence, error = torch.cat(confidences), torch.cat(errors)
     simulated = {}
     for threshold in thresholds:
@@ -224,16 +237,26 @@ def probe(world, heads, prompts, thresholds=(0.7, 0.75, 0.8, 0.85, 0.88, 0.9)) -
         exit_error = [float(error[row, d - 1]) if d < BLOCKS else 0.0 for row, d in enumerate(depth.tolist())]
         simulated[str(threshold)] = {"blocks_saved": round(1 - float(depth.float().mean()) / BLOCKS, 4),
                                      "mean_exit_error": round(sum(exit_error) / len(exit_error), 4)}
-    return {"rows": len(recording), "exit_error": [round(float(e), 4) for e in error.mean(0)],
+    return {"rows": len(recording), "adapters": heads.adapters is not None,
+            "adapted_vs_original_output": round(float(torch.cat(drift).mean()), 4),
+            "exit_error": [round(float(e), 4) for e in error.mean(0)],
             "exit_confidence": [round(float(c), 3) for c in confidence.mean(0)],
             "confidence_error_correlation": [round(float(torch.corrcoef(torch.stack([confidence[:, i], -error[:, i]]))
                                                           [0, 1]), 3) for i in range(error.shape[1])],
             "simulated": simulated}
 
 
-def interleaved_timing(world, heads, prompt: str, threshold: float, cache: float, rounds: int = 4) -> dict:
-    """Wall time of full / DeeDiff / First-Block-Cache sampling one prompt in turn, ``rounds`` times (load drift on
-    a shared machine hits all three alike): the median per-round ratio to the full model."""
+def _last(outputs):
+    """(the last block's image tokens only, vec) of ``block_outputs``."""
+    hidden, vec = outputs
+    return hidden[-1:], vec
+
+
+def interleaved_timing(world, heads, prompt: str, threshold: float, cache: float, ag_exit: float,
+                       rounds: int) -> dict:
+    """Wall time of full / DeeDiff / First-Block-Cache / AG + DeeDiff sampling one prompt in turn, ``rounds`` times
+    (load drift on a shared machine hits all alike): per configuration the per-round ratios to the full model,
+    their mean with its standard error, their median, and the block-row ratio of the same runs."""
     import statistics
     import time
 
@@ -241,16 +264,44 @@ def interleaved_timing(world, heads, prompt: str, threshold: float, cache: float
     from harness.sampling import sample_guider
 
     configurations = {"full": runner.cfg(CFG_SCALE), "exit": exit_config(heads, threshold),
-                      "cache": cache_config(cache)}
+                      "cache": cache_config(cache), "ag_exit": exit_config(heads, ag_exit, AG_THRESHOLD)}
     seconds = {name: [] for name in configurations}
+    blocks = {name: 0 for name in configurations}
     for round_ in range(rounds):
         for name, make in configurations.items():
             guider = make(world.model, world.encode(prompt), world.encode(""))
             start = time.perf_counter()
-            sample_guider(guider, ToyWorldEmptyLatent.execute(SEEDS)[0], steps=STEPS, scheduler="simple", seed=round_)
+            with BlockRowCounter(world.model.model.diffusion_model.blocks) as counter:
+                sample_guider(guider, ToyWorldEmptyLatent.execute(SEEDS)[0], steps=STEPS, scheduler="simple",
+                              seed=round_)
             seconds[name].append(round(time.perf_counter() - start, 3))
-    return {"seconds": seconds, "median_ratio": {name: round(statistics.median(
-        t / f for t, f in zip(times, seconds["full"])), 3) for name, times in seconds.items()}}
+            blocks[name] += counter.rows
+    out = {"rounds": rounds, "seconds": seconds}
+    for name, times in seconds.items():
+        ratios = [t / f for t, f in zip(times, seconds["full"])]
+        out[name] = {"ratio_mean": round(statistics.mean(ratios), 3),
+                     "ratio_se": round(statistics.stdev(ratios) / len(ratios) ** 0.5, 3) if len(ratios) > 1 else None,
+                     "ratio_median": round(statistics.median(ratios), 3),
+                     "block_ratio": round(blocks[name] / blocks["full"], 3)}
+    return out
+
+
+class BlockRowCounter:
+    """Batch rows through each block of the toy DiT (forward hooks), summed over the blocks."""
+
+    def __init__(self, blocks):
+        self.rows = 0
+        self.handles = [block.register_forward_hook(self._count) for block in blocks]
+
+    def _count(self, module, inputs, output):
+        self.rows += int(inputs[0].shape[0])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
 
 
 def main() -> None:
@@ -258,37 +309,53 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="validation only, half its prompts, default settings")
     parser.add_argument("--every", type=int, default=0, help="every n-th prompt of each set (default: all; --quick 2)")
     parser.add_argument("--probe", action="store_true", help="only the exit-error probe on every 13th dev prompt")
-    parser.add_argument("--timing", action="store_true", help="only the interleaved wall-time measurement")
+    parser.add_argument("--timing", action="store_true", help="only the interleaved wall-time measurement (at "
+                                                              "--threshold, --cache-threshold, --ag-exit-threshold)")
+    parser.add_argument("--heads", default=None, help="a DeeDiff bundle (default: the shipped joint toy bundle)")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=THRESHOLDS, help="DeeDiff sweep on dev")
+    parser.add_argument("--cache-thresholds", type=float, nargs="+", default=CACHE_THRESHOLDS)
+    parser.add_argument("--ag-exit-thresholds", type=float, nargs="+", default=AG_EXIT_THRESHOLDS)
+    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="--quick / --timing")
+    parser.add_argument("--cache-threshold", type=float, default=QUICK_CACHE_THRESHOLDS[0], help="--timing")
+    parser.add_argument("--ag-exit-threshold", type=float, default=DEFAULT_AG_EXIT_THRESHOLD, help="--quick/--timing")
+    parser.add_argument("--rounds", type=int, default=8, help="--timing rounds")
     args = parser.parse_args()
     every = args.every or (2 if args.quick else 1)
     world = runner.load_world()
     from guidance_kit.nodes.deediff import LOAD_NODE, load_heads
-    from guidance_kit.toyworld.weights import DEEDIFF_HEADS
+    from guidance_kit.toyworld.weights import DEEDIFF_JOINT
 
-    heads = load_heads(DEEDIFF_HEADS, LOAD_NODE)
-    if args.probe or args.timing:
-        runner.emit(probe(world, heads, runner.prompt_set("dev", False)[::13]) if args.probe else interleaved_timing(
-            world, heads, runner.prompt_set("validation", False)[0][0], DEFAULT_THRESHOLD, QUICK_CACHE_THRESHOLDS[0]))
+    heads = load_heads(args.heads or DEEDIFF_JOINT, LOAD_NODE)
+    if args.probe:
+        runner.emit(probe(world, heads, runner.prompt_set("dev", False)[::13], thresholds=args.thresholds))
+        return
+    if args.timing:
+        runner.emit(interleaved_timing(world, heads, runner.prompt_set("validation", False)[0][0], args.threshold,
+                                       args.cache_threshold, args.ag_exit_threshold, args.rounds))
         return
     out = {"cfg_scale": CFG_SCALE, "steps": STEPS, "seeds": SEEDS, "blocks_per_row": BLOCKS,
-           "ag_threshold": AG_THRESHOLD, "every_nth_prompt": every}
+           "ag_threshold": AG_THRESHOLD, "every_nth_prompt": every, "heads": str(args.heads or DEEDIFF_JOINT.name),
+           "adapters": heads.adapters is not None}
     if args.quick:
-        threshold, ag_exit = DEFAULT_THRESHOLD, DEFAULT_AG_EXIT_THRESHOLD
+        threshold, ag_exit = args.threshold, args.ag_exit_threshold
     else:
         configurations = {"full": runner.cfg(CFG_SCALE)}
-        configurations |= {f"exit_{t}": exit_config(heads, t) for t in THRESHOLDS}
-        configurations |= {f"cache_{t}": cache_config(t) for t in CACHE_THRESHOLDS}
-        configurations |= {f"ag_exit_{t}": exit_config(heads, t, AG_THRESHOLD) for t in AG_EXIT_THRESHOLDS}
+        configurations |= {f"exit_{t}": exit_config(heads, t) for t in args.thresholds}
+        configurations |= {f"cache_{t}": cache_config(t) for t in args.cache_thresholds}
+        configurations |= {f"ag_exit_{t}": exit_config(heads, t, AG_THRESHOLD) for t in args.ag_exit_thresholds}
         dev, _ = sweep(world, runner.prompt_set("dev", False)[::every], configurations)
         out["dev"] = dev
-        threshold = float(choose(dev, [f"exit_{t}" for t in THRESHOLDS], TARGET).removeprefix("exit_"))
-        ag_exit = float(choose(dev, [f"ag_exit_{t}" for t in AG_EXIT_THRESHOLDS], AG_TARGET).removeprefix("ag_exit_"))
+        threshold = float(choose(dev, [f"exit_{t}" for t in args.thresholds], TARGET).removeprefix("exit_"))
+        ag_exit = float(choose(dev, [f"ag_exit_{t}" for t in args.ag_exit_thresholds], AG_TARGET
+                               ).removeprefix("ag_exit_"))
         exit_blocks = dev[f"exit_{threshold}"]["blocks"]
-        cache = min(CACHE_THRESHOLDS, key=lambda t: abs(dev[f"cache_{t}"]["blocks"] - exit_blocks))
+        cache = min(args.cache_thresholds, key=lambda t: abs(dev[f"cache_{t}"]["blocks"] - exit_blocks))
     depth = DepthByStep()
     prompts = runner.prompt_set("validation", False)[::every]
     configurations = {"full": runner.cfg(CFG_SCALE), "exit": exit_config(heads, threshold, depth=depth),
                       "ag_exit": exit_config(heads, ag_exit, AG_THRESHOLD)}
+    if heads.adapters is not None:  # the adapted full model: threshold 1.0, no row exits
+        configurations["adapted"] = exit_config(heads, 1.0)
     if args.quick:
         configurations |= {f"cache_{t}": cache_config(t) for t in QUICK_CACHE_THRESHOLDS}
     else:
@@ -313,6 +380,9 @@ def main() -> None:
         ag_exit_pass_delta_se=ag_exit_figures["pass_delta_se"], ag_exit_seconds_ratio=ag_exit_figures["seconds_ratio"],
         targets={"exit": TARGET, "ag_exit": AG_TARGET},
     )
+    if "adapted" in validation:
+        out.update(adapted_pass=validation["adapted"]["pass"], adapted_pass_delta=validation["adapted"]["pass_delta"],
+                   adapted_pass_delta_se=validation["adapted"]["pass_delta_se"])
     if "ag" in validation:
         out.update(ag_blocks=validation["ag"]["blocks"], ag_pass=validation["ag"]["pass"])
     runner.emit(out)

@@ -12,6 +12,15 @@
   the heads by the uncertainty loss (``samplers/deediff.py``, Eq. 6) with the model's own final
   prediction as the target.  The loop is the shared training core (``samplers/training.py``): one
   process by default, ``torchrun`` / ``accelerate launch`` with no code change, resumable checkpoints.
+* Joint training (``train_joint``, the Train node's ``adapter_rank`` > 0): the paper's L_UAL + L_u with the
+  backbone's blocks adapted by low-rank updates of their attention and MLP projections (``adapter_shapes``,
+  ``samplers.lora.WeightDeltas``), plus self-distillation of the full-depth output onto the frozen model's
+  (``samplers.deediff.joint_loss``).  Each step replays recorded rows through the model with the merged weights in
+  place (``torch.func.functional_call``; the MODEL is never modified) against the frozen outputs computed once
+  (``joint_data``).  The bundle is ``guidance_kit.deediff/2``: heads, adapters (``adapters.up.<i>`` /
+  ``adapters.down.<i>``, weight names and shapes in the identity) and the model's identity.  DeeDiff Early Exit
+  adds the adapters to the clone as ComfyUI LoRA weight patches (``adapter_patches``), so they leave with the
+  clone; ``load_heads`` reads /1 (heads only) and /2.
 * The exit patch (``DeeDiffTechnique``, installed through ``contract.install``): a block replacement
   on every block (wrapping any replacement already there) and an APPLY_MODEL wrapper that opens one
   ``ForwardExits`` per model call inside a sampling run.  Rows exit independently (cond and uncond
@@ -22,6 +31,7 @@
 import hashlib
 import logging
 import math
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,10 +44,12 @@ import comfy.samplers
 import comfy.utils
 from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 from comfy.patcher_extension import WrappersMP
+from comfy.weight_adapter.lora import LoRAAdapter
 from comfy_api.latest import io
 
 from ..samplers import deediff, training
 from ..samplers.bundles import load_bundle
+from ..samplers.lora import WeightDeltas
 from ..toyworld.model import ToyDiT
 from .contract import (
     Technique,
@@ -70,6 +82,9 @@ FOLDER = "deediff"
 CHECKPOINT_SUBFOLDER = ".checkpoints"
 FEATURE_CHUNK = 32  # recorded rows per frozen forward pass when collecting exit features
 PROBE_TOKENS = 16  # image tokens of the heads' memory probe (their memory is linear in the tokens)
+# Float32 values autograd keeps per token and unit of width in one transformer block (qkv 3, attention output 1,
+# projection 1, MLP 4 + 4 (pre- and post-activation), norms and modulated inputs 4, residuals 2: 19, rounded up)
+JOINT_SAVED_PER_TOKEN_WIDTH = 24
 TRAIN_NODE = "DeeDiff Train Heads (Guidance Kit)"
 LOAD_NODE = "DeeDiff Load Heads (Guidance Kit)"
 PATCH_NODE = "DeeDiff Early Exit (Guidance Kit)"
@@ -89,6 +104,10 @@ class Architecture:
     out_dim: int
     patch_size: int
     output_tokens: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (image tokens, vec) -> [B, N, out_dim]
+    block_list: str  # the network's attribute holding its blocks ("blocks", "joint_blocks")
+    # block i on a block-replacement argument dict without activation checkpointing (MMDiT's blocks checkpoint when
+    # replaced, and a recomputation in backward would run outside the adapted weights); None: the original block
+    uncheckpointed: Callable[[int, dict], dict] | None = None
 
     def image_tokens(self, x: torch.Tensor) -> int:
         """Image tokens of a latent batch [B, C, H, W] (padded to whole patches)."""
@@ -110,24 +129,39 @@ def architecture(model, where: str) -> Architecture:
 
         width = network.config["width"]
         return Architecture("toy_dit", "single_block", len(network.blocks), width, width,
-                            network.in_channels * p * p, p, toy_tokens)
+                            network.in_channels * p * p, p, toy_tokens, "blocks")
     if isinstance(network, MMDiT):
+        def mmdit_block(index, args):
+            txt, img = network.joint_blocks[index](args["txt"], args["img"], c=args["vec"], use_checkpoint=False,
+                                                   transformer_options=args["transformer_options"])
+            return {"txt": txt, "img": img}
+
         width = network.final_layer.adaLN_modulation[1].in_features
         return Architecture("sd3_mmdit", "double_block", len(network.joint_blocks), width, width,
                             network.final_layer.linear.out_features, network.x_embedder.patch_size[0],
-                            network.final_layer)
+                            network.final_layer, "joint_blocks", mmdit_block)
     raise ValueError(f"{where}: 'model' is a {type(model.model).__name__} with a {type(network).__name__} network; "
                      f"DeeDiff exits after transformer blocks and supports {SUPPORTED} (a UNet has no blocks to "
                      "exit from)")
 
 
+def adapter_shapes(model, arch: Architecture) -> dict[str, tuple[int, int]]:
+    """``{weight name: shape}`` of the attention and MLP projections of every block (names under the diffusion
+    network; the blocks' adaLN modulation layers are left out): what joint training adapts."""
+    blocks = model.model.diffusion_model.get_submodule(arch.block_list)
+    return {f"{arch.block_list}.{name}.weight": tuple(module.weight.shape) for name, module in blocks.named_modules()
+            if isinstance(module, torch.nn.Linear) and "modulation" not in name}
+
+
 @dataclass
 class TrainedHeads:
-    """Uncertainty heads and the identity of the model they were trained for."""
+    """Uncertainty heads, the backbone's low-rank adapters of joint training (None: heads only) and the identity
+    of the model they were trained for."""
 
     heads: deediff.UncertaintyHeads
     identity: dict
     metadata: dict
+    adapters: WeightDeltas | None = None
 
     def check(self, model, arch: Architecture, where: str) -> None:
         """ValueError naming ``where`` when these heads were made for another model or block count."""
@@ -142,15 +176,27 @@ class TrainedHeads:
 
 
 def load_heads(path, where: str) -> TrainedHeads:
-    """Read a heads bundle written by ``train_heads`` (format, keys, shapes and finiteness checked)."""
-    identity = load_bundle(path, deediff.FORMAT, where).metadata.get("identity", {})
+    """Read a bundle written by ``train_heads`` (``guidance_kit.deediff/1``) or ``train_joint`` (``/2``: heads and
+    adapters); format, keys, shapes and finiteness checked."""
+    bundle = load_bundle(path, (deediff.FORMAT, deediff.JOINT_FORMAT), where)
+    identity = bundle.metadata.get("identity", {})
     try:
         config = {key: int(identity[key]) for key in ("blocks", "width", "vec_dim", "out_dim", "hidden")}
-    except (KeyError, TypeError, ValueError):
-        raise ValueError(f"{where}: {path} has no usable head configuration in its metadata") from None
+        adapter = identity.get("adapters")
+        if bundle.format == deediff.JOINT_FORMAT:
+            adapter = {"shapes": {name: tuple(shape) for name, shape in adapter["shapes"].items()},
+                       "rank": int(adapter["rank"]), "alpha": float(adapter["alpha"])}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise ValueError(f"{where}: {path} has no usable head or adapter configuration in its metadata") from None
     heads = deediff.UncertaintyHeads(**config)
-    metadata = training.load_trained(path, deediff.FORMAT, where, {"heads": heads})
-    return TrainedHeads(heads.eval().requires_grad_(False), identity, metadata)
+    trainables = {"heads": heads}
+    adapters = None
+    if bundle.format == deediff.JOINT_FORMAT:
+        adapters = trainables["adapters"] = WeightDeltas(adapter["shapes"], adapter["rank"], adapter["alpha"])
+    metadata = training.load_trained(path, bundle.format, where, trainables)
+    if adapters is not None:
+        adapters.eval().requires_grad_(False)
+    return TrainedHeads(heads.eval().requires_grad_(False), identity, metadata, adapters)
 
 
 # ---------------------------------------------------------------- exits while sampling
@@ -175,6 +221,7 @@ class DeeDiffTechnique(Technique):
 
     def __init__(self, trained: TrainedHeads, arch: Architecture, threshold: float):
         self.trained, self.arch, self.threshold = trained, arch, threshold
+        self.weight_patches = adapter_patches(trained.adapters) if trained.adapters is not None else {}
 
     def start_run(self, guider, sigmas, sampler):
         return DeeDiffRun(self.trained.heads, self.threshold)
@@ -183,7 +230,14 @@ class DeeDiffTechnique(Technique):
         return patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
 
     def patch(self, patched, key: str) -> None:
-        """Block replacements on every block (wrapping another pack's) and the per-call APPLY_MODEL wrapper."""
+        """The adapters' weight patches (joint bundles), block replacements on every block (wrapping another
+        pack's) and the per-call APPLY_MODEL wrapper."""
+        if self.weight_patches:
+            if any(getattr(entry[1], "deediff_adapter", False) for name in self.weight_patches
+                   for entry in patched.patches.get(name, [])):
+                raise ValueError(f"{PATCH_NODE}: the MODEL already carries the adapters of another {PATCH_NODE} "
+                                 "under another pack's block patch; apply one DeeDiff Early Exit per model")
+            patched.add_patches(self.weight_patches)
         forward_key = f"{key}.forward"
         existing = self._block_patches(patched)
         for index in range(self.arch.blocks):
@@ -205,7 +259,30 @@ class DeeDiffTechnique(Technique):
             else:
                 patched.set_model_patch_replace(replacement.previous, "dit", kind, index)
         patched.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, key)
+        mine = {id(adapter) for adapter in self.weight_patches.values()}
+        for name in self.weight_patches:
+            patched.patches[name] = [entry for entry in patched.patches.get(name, []) if id(entry[1]) not in mine]
+        patched.patches_uuid = uuid.uuid4()
         return True
+
+
+def adapter_patches(adapters: WeightDeltas) -> dict:
+    """ComfyUI weight patches (``ModelPatcher.add_patches``) adding each adapter's update to its weight: the
+    host's LoRA patch, ``W + (alpha / rank) · up @ down``, the update joint training learnt."""
+    patches = {}
+    for name, (up, down) in adapters.factors().items():
+        patches[f"diffusion_model.{name}"] = LoRAAdapter(set(), (up, down, adapters.alpha, None, None, None))
+        patches[f"diffusion_model.{name}"].deediff_adapter = True
+    return patches
+
+
+def apply_adapters(model, trained: TrainedHeads):
+    """A clone of ``model`` with the adapters of a joint bundle patched onto its weights (no exits): the adapted
+    full model."""
+    patched = model.clone()
+    if trained.adapters is not None:
+        patched.add_patches(adapter_patches(trained.adapters))
+    return patched
 
 
 def _exit_block(index: int, previous, forward_key: str):
@@ -315,13 +392,59 @@ def _stack_calls(calls) -> Recording:
     return Recording(torch.cat([c[0] for c in calls]), torch.cat([c[1] for c in calls]), conds, constants)
 
 
-def block_outputs(model, arch: Architecture, x, sigma, inputs: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """(image tokens after every block, modulation vector) of one frozen forward pass of the model."""
+def frozen_state(model) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of the model's diffusion network (state names under the model) as tensors
+    autograd can save and that get no gradient: the model's own, detached, or a copy of those made under
+    ``torch.inference_mode`` (as ComfyUI loads models), which autograd refuses to save for backward."""
+    network = model.model.diffusion_model
+    with training.grad_mode():
+        return {f"diffusion_model.{name}": value.detach().clone() if value.is_inference() else value.detach()
+                for name, value in [*network.named_parameters(), *network.named_buffers()]}
+
+
+class _Calling(torch.nn.Module):
+    """``function(*args, **kwargs)`` as the forward of a module holding ``base`` (a ComfyUI model), so
+    ``functional_call`` puts other tensors in place of ``base``'s while ``function`` runs."""
+
+    def __init__(self, base, function):
+        super().__init__()
+        self.base, self.function = base, function
+
+    def forward(self, *args, **kwargs):
+        return self.function(*args, **kwargs)
+
+
+def _with_state(model, state: dict[str, torch.Tensor], function, *args, **kwargs):
+    """``function(*args, **kwargs)`` with ``state`` (names under ``model.model``) in place of the model's tensors."""
+    return torch.func.functional_call(_Calling(model.model, function), {f"base.{k}": v for k, v in state.items()},
+                                      args, kwargs, strict=False)
+
+
+def exit_predictions(model, arch: Architecture, hidden: list[torch.Tensor], vec: torch.Tensor,
+                     state: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """g(h_i) of every block's image tokens through the model's own output head (float32): without gradients, or
+    with ``state`` (``frozen_state``) in place of the model's tensors, differentiable."""
+    def read():
+        return [arch.output_tokens(h, vec).float() for h in hidden]
+    if state is None:
+        with torch.no_grad():
+            return read()
+    return _with_state(model, state, read)
+
+
+def block_outputs(model, arch: Architecture, x, sigma, inputs: dict,
+                  adapted: dict[str, torch.Tensor] | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(image tokens after every block, modulation vector) of one forward pass of the model: frozen and without
+    gradients, or, with ``adapted`` (``{state name under the model, e.g. "diffusion_model.blocks.0.attn.qkv.weight":
+    tensor}``, see ``frozen_state``), with those tensors in place of the model's and differentiable in them."""
     captured, vec = [], []
     tokens = arch.image_tokens(x)
 
     def recorder(args, extra):
-        out = extra["original_block"](args)
+        if adapted is not None and arch.uncheckpointed is not None:
+            out = arch.uncheckpointed(len(captured), args)
+        else:
+            out = extra["original_block"](args)
         captured.append(out["img"][:, -tokens:])
         vec[:] = [args["vec"]]
         return out
@@ -329,8 +452,12 @@ def block_outputs(model, arch: Architecture, x, sigma, inputs: dict) -> tuple[li
     options = {"patches_replace": {"dit": {(arch.block_kind, i): recorder for i in range(arch.blocks)}}}
     device = model.load_device
     inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-    with torch.no_grad():
-        model.model.apply_model(x.to(device), sigma.to(device), transformer_options=options, **inputs)
+    if adapted is None:
+        with torch.no_grad():
+            model.model.apply_model(x.to(device), sigma.to(device), transformer_options=options, **inputs)
+    else:
+        _with_state(model, adapted, model.model.apply_model, x.to(device), sigma.to(device),
+                    transformer_options=options, **inputs)
     return captured, vec[0]
 
 
@@ -358,8 +485,7 @@ def exit_features(model, arch: Architecture, recording: Recording, rows: int, *,
     for part in index.split(chunk):
         check_interrupt()
         hidden, vec = block_outputs(model, arch, *recording.rows(part))
-        with torch.no_grad():
-            predictions = [arch.output_tokens(h, vec).float() for h in hidden]
+        predictions = exit_predictions(model, arch, hidden, vec)
         tokens.append(torch.stack(hidden[:-1], dim=1).half().cpu())
         vecs.append(vec.float().cpu())
         pseudo.append(torch.stack([deediff.pseudo_uncertainty(p, predictions[-1]) for p in predictions[:-1]],
@@ -408,7 +534,7 @@ def feature_row_bytes(arch: Architecture, tokens: int) -> int:
 
 
 def memory_needs(model, arch: Architecture, latent: dict, negative, *, runs: int, rows_per_run: int,
-                 training_rows: int, batch_size: int, hidden: int) -> list[Need]:
+                 training_rows: int, batch_size: int, hidden: int, joint: bool = False) -> list[Need]:
     """What DeeDiff Train Heads holds at its peak (``training_guard``): the recorded model inputs of ``runs``
     runs of ``rows_per_run`` model rows (twice while concatenated), the exit features (twice while
     concatenated), one chunk's block outputs, and one optimiser step measured on a probe of the heads."""
@@ -422,9 +548,20 @@ def memory_needs(model, arch: Architecture, latent: dict, negative, *, runs: int
     feature_row = feature_row_bytes(arch, tokens)
     chunk = min(FEATURE_CHUNK, kept)
     step = heads_step_memory(arch, hidden, tokens)
+    prompts_need = Need("prompts", f"the model inputs of {runs} runs x {rows_per_run} rows ({size(recorded_row)} "
+                                   "per row), twice while concatenated", 2 * rows * recorded_row)
+    if joint:
+        sequence = tokens + max(int(entry[0].shape[1]) for entry in negative)
+        activations = JOINT_SAVED_PER_TOKEN_WIDTH * arch.blocks * sequence * arch.width * 4
+        target_row = tensor_bytes([tokens, arch.out_dim])
+        return [prompts_need,
+                Need("training_rows", f"the kept model inputs and the frozen outputs of {kept} rows",
+                     kept * (recorded_row + target_row)),
+                Need("batch_size", f"one joint optimiser step of {batch_size} rows (every block's activations, "
+                                   f"{size(activations)} per row)", batch_size * training.ACTIVATION_FACTOR *
+                     activations, on_device=True)]
     return [
-        Need("prompts", f"the model inputs of {runs} runs x {rows_per_run} rows ({size(recorded_row)} per row), "
-                        "twice while concatenated", 2 * rows * recorded_row),
+        prompts_need,
         Need("training_rows", f"exit features of {kept} rows ({size(feature_row)} each), twice while concatenated",
              2 * kept * feature_row),
         Need("training_rows", f"block outputs of a chunk of {chunk} rows",
@@ -458,6 +595,91 @@ def train_heads(model, features: ExitFeatures, settings: training.TrainSettings,
     return TrainedHeads(heads.eval().requires_grad_(False), identity, {"steps": result.step}), result
 
 
+@dataclass
+class JointData:
+    """What joint training replays: recorded model inputs (``rows`` of a Recording) and the frozen model's output
+    tokens y on each [R, N, out_dim]."""
+
+    recording: Recording
+    targets: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+def joint_data(model, arch: Architecture, recording: Recording, rows: int, *, chunk: int = FEATURE_CHUNK,
+               on_chunk=None) -> JointData:
+    """``rows`` recorded rows evenly spaced over the recording (all of them when fewer) with the frozen model's
+    output on each; ComfyUI's interrupt is checked before every chunk."""
+    comfy.model_management.load_models_gpu([model])
+    index = torch.linspace(0, len(recording) - 1, min(rows, len(recording))).round().long().unique()
+    targets = []
+    for part in index.split(chunk):
+        check_interrupt()
+        hidden, vec = block_outputs(model, arch, *recording.rows(part))
+        targets.append(exit_predictions(model, arch, hidden[-1:], vec)[0].cpu())
+        if on_chunk is not None:
+            on_chunk(part.numel())
+    x, sigma, inputs = recording.rows(index)
+    kept = Recording(x, sigma, {name: inputs[name] for name in recording.conds}, recording.constants)
+    return JointData(kept, torch.cat(targets))
+
+
+def adapted_state(state: dict[str, torch.Tensor], adapters: WeightDeltas) -> dict[str, torch.Tensor]:
+    """``state`` (``frozen_state``) with the adapters' updates added to their weights (differentiable in them)."""
+    targets = {name: state[f"diffusion_model.{name}"] for name in adapters.names}
+    return {**state, **{f"diffusion_model.{name}": value for name, value in adapters.merged(targets).items()}}
+
+
+def joint_loss(model, arch: Architecture, heads: deediff.UncertaintyHeads, adapters: WeightDeltas, data: JointData,
+               settings: training.TrainSettings, distill_weight: float):
+    """``loss_fn(step, rows)`` for ``training.train``: ``deediff.joint_loss`` (L_UAL + L_u + λ·self-distillation)
+    of the adapted model over rows ``rows`` of step ``step``'s global batch, drawn from ``step_generator(seed,
+    step)`` over the recorded rows."""
+    state = frozen_state(model)
+
+    def loss_fn(step: int, rows: slice) -> torch.Tensor:
+        index = torch.randint(len(data), (settings.batch_size,), generator=training.step_generator(
+            settings.seed, step))[rows]
+        hidden, vec = block_outputs(model, arch, *data.recording.rows(index), adapted=adapted_state(state, adapters))
+        predictions = exit_predictions(model, arch, hidden, vec, state)
+        uncertainties = [heads(i, hidden[i], vec) for i in range(heads.exits)]
+        return deediff.joint_loss(uncertainties, predictions, data.targets[index].to(vec.device), distill_weight)
+    return loss_fn
+
+
+def train_joint(model, data: JointData, settings: training.TrainSettings, path, *, rank: int, alpha: float,
+                distill_weight: float, hidden: int = 0, info: dict | None = None, checkpoint=None,
+                context: training.DistributedContext | None = None, on_step=None,
+                where: str = TRAIN_NODE) -> tuple[TrainedHeads, training.TrainResult]:
+    """Train heads and the backbone's low-rank adapters jointly for ``model`` (frozen; ``adapter_shapes``) on
+    ``data`` with the shared training core; the main process saves a ``guidance_kit.deediff/2`` bundle to ``path``
+    (heads, adapters, the model's identity, the adapter configuration, the training settings).  On ComfyUI's
+    interrupt the run checkpoints, nothing is saved to ``path``, and the interrupt is raised."""
+    arch = architecture(model, where)
+    context = context or training.DistributedContext.from_environment(model.load_device)
+    comfy.model_management.load_models_gpu([model])
+    shapes = adapter_shapes(model, arch)
+    torch.manual_seed(settings.seed)
+    with training.grad_mode():
+        heads = deediff.UncertaintyHeads(arch.blocks, arch.width, arch.vec_dim, arch.out_dim, hidden).to(
+            context.device)
+        adapters = WeightDeltas(shapes, rank, alpha, seed=settings.seed).to(context.device)
+    identity = {**arch.shape(), "hidden": hidden, "fingerprint": model_identity(model), "data": info or {},
+                "adapters": {"rank": rank, "alpha": alpha, "shapes": shapes}, "distill_weight": distill_weight}
+    trainables = {"heads": heads, "adapters": adapters}
+    result = training.train(trainables, joint_loss(model, arch, heads, adapters, data, settings, distill_weight),
+                            settings, context, identity=identity, checkpoint=checkpoint,
+                            checkpoint_every=max(1, settings.steps // 10), on_step=on_step,
+                            should_stop=interrupt_requested)
+    if not result.completed:
+        raise_interrupt()
+    if context.is_main:
+        training.save_trained(path, trainables, deediff.JOINT_FORMAT, identity, settings, result)
+    return TrainedHeads(heads.eval().requires_grad_(False), identity, {"steps": result.step},
+                        adapters.eval().requires_grad_(False)), result
+
+
 def prompts_fingerprint(prompts: list[str], negative: str) -> str:
     """Identity of a prompt list and negative prompt (a checkpoint resumes only for the same ones)."""
     return hashlib.sha256("\n".join([negative, *prompts]).encode()).hexdigest()[:16]
@@ -471,8 +693,9 @@ class DeeDiffTrain(io.ComfyNode):
             display_name=TRAIN_NODE,
             category=CATEGORY,
             description="Trains DeeDiff's uncertainty heads (one per transformer block) for this MODEL, data-free: "
-                        "on the inputs of full-CFG sampling runs over the prompts. Saved to models/deediff/; "
-                        "resumes an interrupted run of the same settings.",
+                        "on the inputs of full-CFG sampling runs over the prompts. With adapter_rank > 0 it also "
+                        "trains low-rank adapters of the blocks (the paper's joint training) so early blocks become "
+                        "exits. Saved to models/deediff/; resumes an interrupted run of the same settings.",
             is_output_node=True,
             inputs=[
                 model_input("The diffusion transformer to train heads for (it is not modified)."),
@@ -501,6 +724,15 @@ class DeeDiffTrain(io.ComfyNode):
                              tooltip="0: the paper's linear head. Otherwise a hidden layer of this width."),
                 io.String.Input("filename", default="deediff_heads",
                                 tooltip="File name in models/deediff/ (.safetensors is added; overwritten)."),
+                io.Int.Input("adapter_rank", default=0, min=0, max=256, optional=True,
+                             tooltip="0: heads only (the MODEL as it is). Otherwise the paper's joint training: "
+                                     "low-rank adapters of this rank on every block's attention and MLP projections "
+                                     "are trained with the heads so that early blocks become usable exits (the "
+                                     "adapters are saved with the heads and applied by DeeDiff Early Exit)."),
+                io.Float.Input("distill_weight", default=1.0, min=0.0, max=100.0, step=0.1, round=0.001,
+                               optional=True,
+                               tooltip="Joint training: weight of the term keeping the adapted model's full-depth "
+                                       "output on the original model's."),
             ],
             outputs=[DeeDiffHeads.Output(display_name="heads")],
             hidden=[io.Hidden.unique_id],
@@ -509,11 +741,12 @@ class DeeDiffTrain(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, prompts, negative_prompt, latent, seed, sample_steps, cfg, sampler_name, scheduler,
                 denoise, train_steps, training_rows, batch_size, learning_rate, head_hidden,
-                filename) -> io.NodeOutput:
+                filename, adapter_rank=0, distill_weight=1.0) -> io.NodeOutput:
         check_numeric_inputs(cls, TRAIN_NODE, {"seed": seed, "sample_steps": sample_steps, "cfg": cfg,
                                                "denoise": denoise, "train_steps": train_steps,
                                                "training_rows": training_rows, "batch_size": batch_size,
-                                               "learning_rate": learning_rate, "head_hidden": head_hidden})
+                                               "learning_rate": learning_rate, "head_hidden": head_hidden,
+                                               "adapter_rank": adapter_rank, "distill_weight": distill_weight})
         path = model_files.output_path(FOLDER, filename, TRAIN_NODE)
         lines = [line.strip() for line in prompts.splitlines() if line.strip()]
         if not lines:
@@ -529,7 +762,8 @@ class DeeDiffTrain(io.ComfyNode):
         def check(rows_per_run: int) -> None:
             check_memory(TRAIN_NODE, memory_needs(model, arch, latent, negative, runs=len(lines),
                                                   rows_per_run=rows_per_run, training_rows=training_rows,
-                                                  batch_size=batch_size, hidden=head_hidden), model.load_device)
+                                                  batch_size=batch_size, hidden=head_hidden,
+                                                  joint=adapter_rank > 0), model.load_device)
 
         check(sample_steps * images * (2 if cfg > 1 else 1))  # one model call per step: the fewest of any sampler
         log_work(TRAIN_NODE, f"{len(lines)} sampling runs of {sample_steps} steps at batch {images}, block outputs "
@@ -545,12 +779,21 @@ class DeeDiffTrain(io.ComfyNode):
         recording = record_model_inputs(model, positives, negative, latent, seed=seed, steps=sample_steps, cfg=cfg,
                                         sampler_name=sampler_name, scheduler=scheduler, denoise=denoise,
                                         on_step=lambda: progress.update(1), after_first_run=check)
-        features = exit_features(model, arch, recording, training_rows, on_chunk=progress.update)
-        del recording  # the recorded inputs are not needed for training
+        features = (joint_data if adapter_rank else exit_features)(model, arch, recording, training_rows,
+                                                                   on_chunk=progress.update)
+        del recording  # training uses the kept rows only
         checkpoint = path.parent / CHECKPOINT_SUBFOLDER / path.name
-        trained, result = train_heads(model, features, settings, path, hidden=head_hidden, data=data,
-                                      checkpoint=checkpoint, on_step=lambda step, total, loss: progress.update_absolute(
-                                          before_training + step))
+
+        def on_step(step, total, loss):
+            progress.update_absolute(before_training + step)
+
+        if adapter_rank:
+            trained, result = train_joint(model, features, settings, path, rank=adapter_rank, alpha=float(adapter_rank),
+                                          distill_weight=distill_weight, hidden=head_hidden, info=data,
+                                          checkpoint=checkpoint, on_step=on_step)
+        else:
+            trained, result = train_heads(model, features, settings, path, hidden=head_hidden, data=data,
+                                          checkpoint=checkpoint, on_step=on_step)
         checkpoint.unlink(missing_ok=True)
         logger.info(f"DeeDiff: saved {path} ({result.step} steps, final loss {result.final_loss:.4g})")
         return io.NodeOutput(trained)
@@ -564,8 +807,9 @@ class DeeDiffLoad(io.ComfyNode):
             display_name=LOAD_NODE,
             category=CATEGORY,
             inputs=[io.Combo.Input("heads", options=model_files.choices(FOLDER),
-                                   tooltip="Heads written by DeeDiff Train Heads (models/deediff/), or the shipped "
-                                           "heads of the toy model.")],
+                                   tooltip="Heads (and, from joint training, the model's adapters) written by DeeDiff "
+                                           "Train Heads (models/deediff/), or the shipped toy bundles: "
+                                           "toy_dit_heads (heads only), toy_dit_joint (heads + adapters).")],
             outputs=[DeeDiffHeads.Output(display_name="heads")],
         )
 

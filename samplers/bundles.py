@@ -71,8 +71,9 @@ def _header_metadata(data: bytes, where: str, path) -> dict:
     return metadata
 
 
-def load_bundle(path, format: str, where: str, shapes: dict[str, tuple | None] | None = None) -> Bundle:
-    """Read a bundle of ``format`` fully into memory.
+def load_bundle(path, format: str | tuple[str, ...], where: str,
+                shapes: dict[str, tuple | None] | None = None) -> Bundle:
+    """Read a bundle of ``format`` (or of any format of a tuple; ``Bundle.format`` says which) fully into memory.
 
     ``shapes``: the exact key set expected, each with its shape (``None`` for any shape, ``-1``
     for any size of one dimension); extra or missing keys are errors.  Every floating tensor
@@ -83,8 +84,9 @@ def load_bundle(path, format: str, where: str, shapes: dict[str, tuple | None] |
         raise BundleError(f"{where}: cannot read {path}: {error.strerror or error}") from None
     raw = _header_metadata(data, where, path)
     found = raw.get(FORMAT_KEY)
-    if found != format:
-        raise BundleError(f"{where}: {path} is not a {format} file (format {found!r})")
+    accepted = format if isinstance(format, tuple) else (format,)
+    if found not in accepted:
+        raise BundleError(f"{where}: {path} is not a {' or '.join(accepted)} file (format {found!r})")
     try:
         metadata = {key: json.loads(value) for key, value in raw.items() if key != FORMAT_KEY}
     except (TypeError, json.JSONDecodeError) as error:

@@ -21,6 +21,11 @@ refer to arXiv v1, Sec. 3:
   threshold.  Per row, not per batch: the official code averages over the batch (and so samples
   at batch 1); here every row of the model's batch, cond and uncond rows alike, decides alone.
 
+* Joint training (Sec. 3.3, L = L_UAL + L_u, the backbone trained with the heads), here with the backbone
+  frozen and low-rank adapters on its blocks' attention and MLP projections (``samplers.lora.WeightDeltas``)
+  trained instead, plus a self-distillation term keeping the adapted full-depth output on the frozen
+  model's: ``joint_loss`` = L_UAL + L_u + λ·mean(g(h_L) − y)² (λ: ``distill_weight``).
+
 Where this module departs from the paper: y is the frozen model's own final prediction
 (self-distillation) rather than the ground-truth noise, because the heads are trained for a
 given, already-trained MODEL on samples it generated (data-free), and an exit is good exactly
@@ -38,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FORMAT = "guidance_kit.deediff/1"
+FORMAT = "guidance_kit.deediff/1"  # heads only
+JOINT_FORMAT = "guidance_kit.deediff/2"  # heads and the backbone's low-rank adapters
 
 
 class UncertaintyHead(nn.Module):
@@ -103,6 +109,23 @@ def layerwise_loss(uncertainties: list[torch.Tensor], predictions: list[torch.Te
     weights = certainty / certainty.sum(dim=1, keepdim=True)
     errors = torch.stack([(p - target).pow(2).flatten(1).mean(dim=1) for p in predictions], dim=1)
     return (weights * errors).sum(dim=1).mean()
+
+
+def joint_loss(uncertainties: list[torch.Tensor], predictions: list[torch.Tensor], target: torch.Tensor,
+               distill_weight: float) -> torch.Tensor:
+    """Joint training loss: L_UAL (Eq. 7) + L_u (Eq. 6) over the exits + ``distill_weight``·mean(g(h_L) − y)².
+
+    Args:
+        uncertainties: u_i of every exit (all blocks but the last), [B, N, C] each.
+        predictions: g(h_i) of every block, the last being the adapted model's output, [B, N, C] each.
+        target: y, the frozen model's output [B, N, C] (no gradient).
+        distill_weight: λ, the weight of the self-distillation term on the full-depth output.
+    """
+    exits = predictions[:-1]
+    pseudo = [pseudo_uncertainty(p, target) for p in exits]
+    distill = (predictions[-1] - target).pow(2).mean()
+    return layerwise_loss(uncertainties, exits, target) + uncertainty_loss(uncertainties, pseudo) + \
+        distill_weight * distill
 
 
 @dataclass

@@ -11,6 +11,11 @@ normalisation layer's affine parameters and the biases of the adapted layers.
 A small module of its own rather than ``peft``: the nodes load experts without a training-only
 dependency, and an expert is just a state dict of the trainable names, applied to one shared
 wrapped network by ``torch.func.functional_call`` (no copy of the base per expert).
+
+``WeightDeltas`` is the other form, for a network that must not be touched (a ComfyUI MODEL): the
+same update as a merged weight, ``W + (alpha / rank) · up @ down`` for each named Linear weight,
+applied by ``functional_call`` while training and by a weight patch of the host at inference (the
+formula of ComfyUI's own LoRA weight patch), so nothing is wrapped and nothing mutated.
 """
 import math
 
@@ -65,6 +70,48 @@ def add_lora(network: nn.Module, rank: int, alpha: float, exclude: tuple[str, ..
             for parameter in module.parameters(recurse=False):
                 parameter.requires_grad_(True)
     return sorted(name for name, parameter in network.named_parameters() if parameter.requires_grad)
+
+
+class WeightDeltas(nn.Module):
+    """Low-rank updates of named Linear weights: ``delta(name) = (alpha / rank) · up @ down``.
+
+    Args:
+        shapes: ``{weight name: (out_features, in_features)}`` of the frozen weights to adapt.
+        rank: the rank of every update.
+        alpha: the scale numerator (``alpha / rank`` multiplies each update).
+        seed: seed of the Kaiming-uniform ``down`` factors (``up`` starts at zero: no change at first).
+    """
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], rank: int, alpha: float, seed: int = 0):
+        super().__init__()
+        if rank < 1 or not shapes:
+            raise ValueError(f"WeightDeltas: need rank >= 1 and at least one weight, got rank {rank}, {len(shapes)}")
+        self.names, self.rank, self.alpha = sorted(shapes), rank, alpha
+        generator = torch.Generator().manual_seed(seed)
+        self.down, self.up = nn.ParameterList(), nn.ParameterList()
+        for name in self.names:
+            out_features, in_features = shapes[name]
+            down = torch.empty(rank, in_features)
+            nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)
+            self.down.append(nn.Parameter(down))
+            self.up.append(nn.Parameter(torch.zeros(out_features, rank)))
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def deltas(self) -> dict[str, torch.Tensor]:
+        """``{weight name: (alpha / rank) · up @ down}`` (float32, differentiable)."""
+        return {name: self.scale * (up.float() @ down.float())
+                for name, up, down in zip(self.names, self.up, self.down)}
+
+    def merged(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``{name: weights[name] + delta(name)}`` for ``functional_call``, in each weight's dtype."""
+        return {name: weights[name] + delta.to(weights[name].dtype) for name, delta in self.deltas().items()}
+
+    def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{weight name: (up, down)}``, detached."""
+        return {name: (up.detach(), down.detach()) for name, up, down in zip(self.names, self.up, self.down)}
 
 
 def trainable_fraction(network: nn.Module) -> float:

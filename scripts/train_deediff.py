@@ -1,4 +1,6 @@
-"""Train DeeDiff's uncertainty heads for a model, data-free (the same code as the DeeDiff Train Heads node).
+"""Train DeeDiff for a model, data-free (the same code as the DeeDiff Train Heads node): the uncertainty heads alone,
+or, with ``--rank R``, jointly with rank-R adapters on every block's attention and MLP projections (a
+``guidance_kit.deediff/2`` bundle).
 
 One process (GPU if there is one, else CPU) by default; several under ``torchrun`` or ``accelerate launch`` with no
 change: every process records the same sampling runs, each takes its slice of every global batch, gradients are
@@ -7,6 +9,7 @@ averaged (``samplers/training.py``), and the main process writes OUT.
     python scripts/train_deediff.py OUT                                # the toy world model, its training prompts
     python scripts/train_deediff.py OUT --ckpt model.safetensors --prompts prompts.txt --cfg 5
     torchrun --nproc_per_node 2 scripts/train_deediff.py OUT --steps 100
+    python scripts/train_deediff.py OUT --rank 4 --distill 1 --steps 600    # joint training
 
 ``--checkpoint PATH`` resumes an interrupted run of the same settings (written every steps/10 steps).
 """
@@ -70,6 +73,9 @@ def main(argv=None) -> None:
     parser.add_argument("--hidden", type=int, nargs="+", default=[0],
                         help="head hidden width (0: the paper's linear head); several values train one set of heads "
                              "each on the same recording, written to OUT with '-hidden<width>' before the suffix")
+    parser.add_argument("--rank", type=int, default=0, help="adapter rank of joint training (0: heads only)")
+    parser.add_argument("--alpha", type=float, default=0.0, help="adapter scale numerator (default: the rank)")
+    parser.add_argument("--distill", type=float, default=1.0, help="weight of the self-distillation term (joint)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint", help="resumable training checkpoint")
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
@@ -104,9 +110,11 @@ def main(argv=None) -> None:
             seed=args.seed, steps=args.sample_steps, cfg=args.cfg, sampler_name=args.sampler,
             scheduler=args.scheduler, on_step=lambda: bar.update(1))
         bar.close()
-        bar = tqdm(total=min(args.rows, len(recording)), desc="block outputs", disable=not context.is_main)
-        features = adapter.exit_features(model, adapter.architecture(model, "train_deediff"), recording, args.rows,
-                                         on_chunk=bar.update)
+        arch = adapter.architecture(model, "train_deediff")
+        bar = tqdm(total=min(args.rows, len(recording)), desc="frozen outputs" if args.rank else "block outputs",
+                   disable=not context.is_main)
+        features = (adapter.joint_data if args.rank else adapter.exit_features)(model, arch, recording, args.rows,
+                                                                                 on_chunk=bar.update)
         bar.close()
 
         def on_step(step, total, loss):
@@ -125,10 +133,17 @@ def main(argv=None) -> None:
                 out = out.with_name(f"{out.stem}-hidden{hidden}{out.suffix}")
             checkpoint = args.checkpoint and Path(args.checkpoint).with_name(f"{Path(args.checkpoint).stem}-{hidden}"
                                                                              f"{Path(args.checkpoint).suffix}")
-            bar = tqdm(total=args.steps, desc=f"training heads (hidden {hidden})", disable=not context.is_main)
-            _, result = adapter.train_heads(model, features, settings, out, hidden=hidden, data=data,
-                                            checkpoint=checkpoint, context=context, on_step=on_step,
-                                            where="train_deediff")
+            bar = tqdm(total=args.steps, desc=f"training {'jointly' if args.rank else 'heads'} (hidden {hidden})",
+                       disable=not context.is_main)
+            if args.rank:
+                _, result = adapter.train_joint(model, features, settings, out, rank=args.rank,
+                                                alpha=args.alpha or float(args.rank), distill_weight=args.distill,
+                                                hidden=hidden, info=data, checkpoint=checkpoint, context=context,
+                                                on_step=on_step, where="train_deediff")
+            else:
+                _, result = adapter.train_heads(model, features, settings, out, hidden=hidden, data=data,
+                                                checkpoint=checkpoint, context=context, on_step=on_step,
+                                                where="train_deediff")
             bar.close()
             if context.is_main:
                 print(f"{out}: {result.step} steps on {len(features)} of {len(recording)} recorded rows, "

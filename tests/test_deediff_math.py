@@ -140,3 +140,30 @@ def test_exits_chain_another_block_patch():
 
     _, exits = exit_forward(network, heads_for(network), 0.55, x, timesteps, context, previous=other)
     assert seen == [int((exits.blocks_run > i).sum()) for i in range(4)] and seen[0] == 6 > seen[-1]
+
+
+def test_joint_loss_is_ual_plus_uncertainty_plus_weighted_distillation():
+    generator = torch.Generator().manual_seed(3)
+    predictions = [torch.randn(4, 5, 6, generator=generator) for _ in range(4)]
+    uncertainties = [torch.rand(4, 5, 6, generator=generator) for _ in range(3)]
+    target = torch.randn(4, 5, 6, generator=generator)
+    exits = predictions[:-1]
+    pseudo = [deediff.pseudo_uncertainty(p, target) for p in exits]
+    base = deediff.layerwise_loss(uncertainties, exits, target) + deediff.uncertainty_loss(uncertainties, pseudo)
+    distill = (predictions[-1] - target).pow(2).mean()
+    for weight in (0.0, 2.5):
+        assert torch.allclose(deediff.joint_loss(uncertainties, predictions, target, weight), base + weight * distill)
+
+
+def test_weight_deltas_start_at_zero_and_merge_the_low_rank_update():
+    from guidance_kit.samplers.lora import WeightDeltas
+
+    deltas = WeightDeltas({"a.weight": (6, 4), "b.weight": (3, 6)}, rank=2, alpha=4.0, seed=1)
+    weights = {"a.weight": torch.randn(6, 4), "b.weight": torch.randn(3, 6)}
+    assert all(torch.equal(merged, weights[name]) for name, merged in deltas.merged(weights).items())
+    with torch.no_grad():
+        for up in deltas.up:
+            up.normal_()
+    up, down = deltas.factors()["a.weight"]
+    assert torch.allclose(deltas.merged(weights)["a.weight"], weights["a.weight"] + 2.0 * up @ down)
+    assert deltas.names == ["a.weight", "b.weight"]

@@ -26,6 +26,7 @@ CLASSIFIER_WEIGHTS = WEIGHTS_DIR / "toy_classifier.safetensors"
 # LinearAG calibrations of the committed main model (scripts/calibrate_linear_ag.py --toyworld).
 CALIBRATIONS_DIR = Path(__file__).resolve().parent / "calibrations"
 DEEDIFF_HEADS = Path(__file__).resolve().parent / "deediff" / "toy_dit_heads.safetensors"
+DEEDIFF_JOINT = Path(__file__).resolve().parent / "deediff" / "toy_dit_joint.safetensors"  # heads + block adapters
 STORAGE_DTYPE = torch.float16
 MAX_REPORTED = 12
 

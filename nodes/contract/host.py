@@ -10,8 +10,12 @@ from .training_guard import check_interrupt
 
 def model_identity(model) -> str:
     """What calibrations, trained heads and experts are checked against: the model class and a fingerprint of
-    every diffusion-model weight (``samplers.bundles.fingerprint``; weight patches are not part of it)."""
-    return fingerprint(model.model.diffusion_model.state_dict(), type(model.model).__name__)
+    every diffusion-model weight (``samplers.bundles.fingerprint``; weight patches are not part of it, also while
+    a patched clone of the model is loaded: its weights are read from the backup ComfyUI keeps of them)."""
+    backup = getattr(model, "backup", {})
+    state = {name: backup[f"diffusion_model.{name}"].weight if f"diffusion_model.{name}" in backup else value
+             for name, value in model.model.diffusion_model.state_dict().items()}
+    return fingerprint(state, type(model.model).__name__)
 
 
 def sampler_cfg(guider) -> float:

@@ -39,7 +39,7 @@ SHIPPED: dict[str, dict[str, Path]] = {
     "ppap": {TOY_EXPERTS: weights.WEIGHTS_DIR / TOY_EXPERTS},
     "linear_ag": {"toy_dit_euler_simple_20_cfg4.safetensors":
                   weights.CALIBRATIONS_DIR / "toy_dit_euler_simple_20_cfg4.safetensors"},
-    "deediff": {weights.DEEDIFF_HEADS.name: weights.DEEDIFF_HEADS},
+    "deediff": {weights.DEEDIFF_HEADS.name: weights.DEEDIFF_HEADS, weights.DEEDIFF_JOINT.name: weights.DEEDIFF_JOINT},
 }
 FILE_NAME_LIMIT = 255  # bytes of a file name on common file systems
 TEMPORARY_NAME_EXTRA = len(".") + len(".") + 8 + len(".partial")  # save_bundle's ".<name>.XXXXXXXX.partial"
