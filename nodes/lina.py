@@ -91,11 +91,11 @@ class LINASchedule(io.ComfyNode):
 
 # ---------------------------------------------------------------- targeted guidance, the guiders and LINA (auto)
 
-RELATION_NODE = "LINA Relation Prompt (after LINA)"
-GUIDER_NODE = "LINA Guider (after LINA)"
-PATCH_NODE = "LINA (after LINA)"
-AUTO_GUIDER_NODE = "LINA Guider (auto, after LINA)"
-AUTO_PATCH_NODE = "LINA (auto, after LINA)"
+RELATION_NODE = "LINA Relation Prompt, after LINA"
+GUIDER_NODE = "LINA Guider, after LINA"
+PATCH_NODE = "LINA, after LINA"
+AUTO_GUIDER_NODE = "LINA Auto Guider, after LINA"
+AUTO_PATCH_NODE = "LINA Auto, after LINA"
 FOLDER = "lina"
 CATEGORY = "Guidance Kit/guidance"
 
@@ -171,6 +171,8 @@ class Intervention:
     latent_strength: torch.Tensor
     window_sigma: torch.Tensor
     guider: object = None
+    label: str = ""
+    marked: bool = False
 
 
 class LINAGuidance(Technique):
@@ -203,15 +205,18 @@ class LINAGuidance(Technique):
         width = [e["cross_attn"].shape[-1] if isinstance(e.get("cross_attn"), torch.Tensor) else None
                  for e in (positive[:1] + ablated[:1])]
         if len(width) == 2 and width[0] != width[1]:
-            raise ValueError(f"{self.node}: 'ablated' has width {width[1]}, the positive {width[0]}; encode it with "
-                             "the CLIP of the sampled model")
+            raise ValueError(f"{self.node}: 'ablated' has width {width[1]}, the positive has {width[0]}; encode it "
+                             "with the CLIP of the sampled model")
         guider.conds[self.conds_key] = [entry.copy() for entry in ablated]
         parameters = self.predicted(positive) if self.predictor is not None else \
             {k: torch.tensor([float(v)]) for k, v in self.parameters.items()}
         sampling = guider.model_patcher.get_model_object("model_sampling")
         window_sigma = torch.tensor([float(sampling.percent_to_sigma(float(w))) if w > 0 else float("inf")
                                      for w in parameters["window"]])
-        return Intervention(parameters["prompt_strength"], parameters["latent_strength"], window_sigma, guider)
+        label = "LINA " + ("predicted" if self.predictor is not None else "set") + ": " + "; ".join(
+            f"{name} " + ", ".join(f"{v:.3g}" for v in torch.as_tensor(values).flatten().tolist())
+            for name, values in parameters.items())
+        return Intervention(parameters["prompt_strength"], parameters["latent_strength"], window_sigma, guider, label)
 
     def evaluate(self, state: Intervention, evaluator, run):
         if evaluator.cond is None:
@@ -232,6 +237,9 @@ class LINAGuidance(Technique):
         guided, _ = targeted_guidance(cond, uncond, ablated, sampler_cfg(state.guider), prompt_strength.to(cond) * on,
                                       latent_strength.to(cond) * on)
         if run is not None:
+            if not state.marked:
+                run.mark(state.label)
+                state.marked = True
             run.signal(prompt_strength=(prompt_strength * on.cpu()).tolist(),
                        latent_strength=(latent_strength * on.cpu()).tolist(),
                        relation_mask=relation_mask(cond, ablated).flatten(1).mean(1).tolist())
