@@ -171,7 +171,7 @@ def predictor_identity(width: int, hidden: int, model: str) -> dict:
 
 
 def fit_predictor(features: torch.Tensor, targets: torch.Tensor, settings: "training.TrainSettings", *,
-                  model: str, hidden: int = 32, checkpoint=None, on_step=None, context=None):
+                  model: str, hidden: int = 32, checkpoint=None, on_step=None, should_stop=None, context=None):
     """Train an ``InterventionPredictor`` to map ``features`` [N, D] to the searched targets [N, P] (parameters in
     [0, 1], ``unit_parameters``) by mean squared error, through ``samplers/training.py`` (resumable, torchrun).
     Each step's batch: ``settings.batch_size`` prompts drawn with replacement from the step's generator.
@@ -188,5 +188,5 @@ def fit_predictor(features: torch.Tensor, targets: torch.Tensor, settings: "trai
         return torch.nn.functional.mse_loss(predictor.unit(features[picks]), targets[picks])
 
     result = training.train({"predictor": predictor}, loss_fn, settings, context, identity=identity,
-                            checkpoint=checkpoint, on_step=on_step)
+                            checkpoint=checkpoint, on_step=on_step, should_stop=should_stop)
     return predictor, identity, result

@@ -231,11 +231,13 @@ def test_predictor_trains_through_the_training_core_and_resumes(tmp_path):
     predictor, identity, result = lina.fit_predictor(features, targets, settings, model="m")
     assert result.losses[-1] < 0.5 * result.losses[0]
     checkpoint = tmp_path / "ckpt.safetensors"
-    half = training.TrainSettings(steps=120, batch_size=8, lr=1e-2)
-    lina.fit_predictor(features, targets, half, model="m", checkpoint=checkpoint,
-                       on_step=lambda step, total, loss: None)
-    resumed, _, again = lina.fit_predictor(features, targets, half, model="m", checkpoint=checkpoint)
-    assert again.step == 120 and again.losses == result.losses
+    steps_seen = []
+    _, _, stopped = lina.fit_predictor(features, targets, settings, model="m", checkpoint=checkpoint,
+                                       on_step=lambda step, total, loss: steps_seen.append(step),
+                                       should_stop=lambda step: step == 50)
+    assert not stopped.completed and steps_seen == list(range(1, 51))
+    resumed, _, again = lina.fit_predictor(features, targets, settings, model="m", checkpoint=checkpoint)
+    assert again.completed and again.step == 120 and again.losses == result.losses
     torch.testing.assert_close(resumed.unit(features), predictor.unit(features))
     assert identity == lina.predictor_identity(16, 32, "m")
 
