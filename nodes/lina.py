@@ -24,6 +24,7 @@ from ..samplers.lina import (
 )
 from .contract import (
     Technique,
+    broadcast_to_batch,
     check_numeric_inputs,
     encode_prompt,
     guider_inputs,
@@ -221,12 +222,10 @@ class LINAGuidance(Technique):
     def evaluate(self, state: Intervention, evaluator, run):
         if evaluator.cond is None:
             return evaluator.passthrough()
-        batch = evaluator.batch
-        prompt_strength = state.prompt_strength.expand(batch) if state.prompt_strength.numel() == 1 else \
-            state.prompt_strength
-        latent_strength = state.latent_strength.expand(batch) if state.latent_strength.numel() == 1 else \
-            state.latent_strength
-        window_sigma = state.window_sigma.expand(batch) if state.window_sigma.numel() == 1 else state.window_sigma
+        # one value per prompt row, repeated to the latent batch as ComfyUI repeats the conds
+        prompt_strength, latent_strength, window_sigma = (
+            broadcast_to_batch(values, evaluator.batch)
+            for values in (state.prompt_strength, state.latent_strength, state.window_sigma))
         inside = (evaluator.sigma >= window_sigma) & ((prompt_strength > 0) | (latent_strength > 0))
         if not inside.any() or evaluator.uncond is None:
             cond, uncond = evaluator(True, evaluator.uncond is not None)
@@ -383,6 +382,8 @@ class LINAAutoGuider(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, cfg, ablated, predictor, boundary) -> io.NodeOutput:
         check_numeric_inputs(cls, AUTO_GUIDER_NODE, {"cfg": cfg, "boundary": boundary})
+        if not positive:
+            raise ValueError(f"{AUTO_GUIDER_NODE}: 'positive' is empty; the predictor reads its conditioning")
         patched, network = patch_auto(model, node_id_of(cls), AUTO_GUIDER_NODE, ablated, predictor)
         with torch.no_grad():
             share = float(network(conditioning_mean(positive).cpu())["share"].mean())
