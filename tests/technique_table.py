@@ -126,6 +126,28 @@ def _ppap(guider):
 
 PPAP_FAMILY = "'experts': .* was trained on a .* model; this model samples as"
 
+
+def _lina(guider, auto):
+    """LINA (nodes/lina.py): the toy prompt with 'on the left' ablated; by hand or with the shipped predictor."""
+    def build(world, model):
+        from guidance_kit.nodes import lina
+
+        ablated = run_node(lina.LINARelationPrompt, world.clip, "a red circle on the left", "on the left", 2)[0]
+        if auto:
+            options = (ablated, "toy_lina_predictor.safetensors")
+            if guider:
+                return run_node(lina.LINAAutoGuider, model, world.positive, world.negative, CFG, *options, 0.2)[0]
+            return run_node(lina.LINAAutoModelPatch, model, *options)[0]
+        options = (ablated, 1.0, 1.0, 0.5)
+        if guider:
+            return run_node(lina.LINAGuider, model, world.positive, world.negative, CFG, *options, 0.5, 0.2)[0]
+        return run_node(lina.LINAModelPatch, model, *options)[0]
+    return build
+
+
+LINA_FAMILY = "'ablated' has width 128, the positive has"
+LINA_AUTO_FAMILY = "'predictor': .* was written for another model"
+
 TABLE = [
     Row("Reference CFG Guider", _guider("reference"), guider=True, uses_slot=False, plain_cfg=True),
     Row("Adaptive Guidance Guider", _guider("ag"), guider=True, acts=("AG",), needs_uncond=True),
@@ -152,6 +174,14 @@ TABLE = [
         acts=("PPAP",), samples_on=("sd3_flow",)),
     Row("DeeDiff Early Exit", _patch("deediff"), guider=False, uses_slot=False, acts=("DeeDiff",),
         other_family_error="'(model' is a .* network|heads' were trained for another model)"),
+    Row("LINA Guider, after LINA", _lina(True, False), guider=True, acts=("LINA",), needs_uncond=True,
+        other_family_error=LINA_FAMILY),
+    Row("LINA, after LINA", _lina(False, False), guider=False, acts=("LINA",), needs_uncond=True,
+        other_family_error=LINA_FAMILY),
+    Row("LINA Auto Guider, after LINA", _lina(True, True), guider=True, acts=("LINA",), needs_uncond=True,
+        other_family_error=LINA_AUTO_FAMILY),
+    Row("LINA Auto, after LINA", _lina(False, True), guider=False, acts=("LINA",), needs_uncond=True,
+        other_family_error=LINA_AUTO_FAMILY),
 ]
 PATCHES = [row for row in TABLE if not row.guider]
 ids = [row.node for row in TABLE]

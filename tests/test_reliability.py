@@ -605,6 +605,7 @@ NON_TECHNIQUE_NODES = {
     "GuidanceKitLinearAGCalibrate": "test_odd_calibration_filenames_are_rejected_before_compute",
     "GuidanceKitLinearAGLoad": "test_damaged_calibration_files_load_or_fail_naming_node_input_and_file",
     "GuidanceKitLINASchedule": "test_lina::test_sampler_custom_runs_on_the_schedule_and_it_changes_the_image",
+    "GuidanceKitLINARelationPrompt": "test_lina::test_relation_prompt_removes_the_given_words_or_the_top_ranked_ones",
     "GuidanceKitRunStats": "test_run_stats_without_a_technique_source_names_the_input",
     "GuidanceKitLoadClassifier": "test_classifier_loaders_refuse_bad_files_and_inputs_naming_them",
     "GuidanceKitClipZeroShotClassifier": "test_classifier_loaders_refuse_bad_files_and_inputs_naming_them",

@@ -26,9 +26,10 @@ import folder_paths
 from ...toyworld import weights
 
 EXTENSION = ".safetensors"
-FOLDERS = ("toyworld", "toyworld_v2", "classifiers", "ppap", "linear_ag", "deediff")
+FOLDERS = ("toyworld", "toyworld_v2", "classifiers", "ppap", "linear_ag", "deediff", "lina")
 TOY_CLASSIFIER = "toy_classifier.safetensors (toy world)"  # listed under a label: it is not a classifier bundle
 TOY_EXPERTS = "toy_ppap_experts.safetensors"
+TOY_LINA_PREDICTOR = "toy_lina_predictor.safetensors"
 TOY_V2_DIT, TOY_V2_DIT_WEAK = "toy_v2_dit.safetensors", "toy_v2_dit_weak.safetensors"
 TOY_V2_WEIGHTS = weights.WEIGHTS_DIR.parent / "v2" / "weights"  # toyworld.v2.weights.WEIGHTS_DIR (imports ComfyUI)
 SHIPPED: dict[str, dict[str, Path]] = {
@@ -40,6 +41,7 @@ SHIPPED: dict[str, dict[str, Path]] = {
     "linear_ag": {"toy_dit_euler_simple_20_cfg4.safetensors":
                   weights.CALIBRATIONS_DIR / "toy_dit_euler_simple_20_cfg4.safetensors"},
     "deediff": {weights.DEEDIFF_HEADS.name: weights.DEEDIFF_HEADS, weights.DEEDIFF_JOINT.name: weights.DEEDIFF_JOINT},
+    "lina": {TOY_LINA_PREDICTOR: weights.WEIGHTS_DIR / TOY_LINA_PREDICTOR},
 }
 FILE_NAME_LIMIT = 255  # bytes of a file name on common file systems
 TEMPORARY_NAME_EXTRA = len(".") + len(".") + 8 + len(".partial")  # save_bundle's ".<name>.XXXXXXXX.partial"
