@@ -110,7 +110,24 @@ OVERVIEW = {
     "GuidanceKitLINASchedule": (
         "A schedule for SamplerCustom / SamplerCustomAdvanced: the base scheduler's sigmas with round(share × "
         "steps) steps moved before `boundary`, where layout and relations are decided (a reconstruction "
-        "after LINA, arXiv 2512.13290). Same step count, first and last sigma.", "benchmarks.md"),
+        "after LINA, arXiv 2512.13290). Same step count, first and last sigma.", "lina.md"),
+    "GuidanceKitLINARelationPrompt": (
+        "Encodes the prompt with its relation words removed (the words you list, or found automatically by "
+        "how far removing each moves the conditioning). Its `ablated` output feeds the LINA guiders and "
+        "patches (after LINA).", "lina.md"),
+    "GuidanceKitLINAGuider": (
+        "CFG plus targeted prompt guidance toward the relation (prompt minus relation-ablated prompt) and a "
+        "latent term restricted to the region the relation changes, in an early window, sampled on the "
+        "causality-aware schedule. Settings by hand (after LINA).", "lina.md"),
+    "GuidanceKitLINAModelPatch": (
+        "The LINA guidance terms as a MODEL patch for KSampler (a patch cannot change the sigmas: use the "
+        "LINA Schedule node or the guider for the schedule).", "lina.md"),
+    "GuidanceKitLINAAutoGuider": (
+        "The LINA guider with its settings (schedule share, strengths, window) predicted per prompt by a "
+        "trained predictor. The toy world's predictor ships with the pack, as a placeholder until its "
+        "benchmark has run.", "lina.md"),
+    "GuidanceKitLINAAutoModelPatch": (
+        "LINA (auto) as a MODEL patch for KSampler: strengths and window predicted per prompt.", "lina.md"),
     "GuidanceKitToyWorldLoader": (
         "The pack's embedded toy world: a small text-to-image DiT (flow matching, 32×32 pixels) with its "
         "text encoder and a pixel-space VAE, as a real MODEL, CLIP and VAE. Runs anywhere on CPU; every "
