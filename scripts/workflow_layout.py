@@ -12,7 +12,8 @@ STAGE_TITLES = {"loaders": "1. Load models", "conditioning": "2. Prompts and lat
                 "sampling": "4. Sampling", "output": "5. Images and run statistics"}
 STAGE_COLOURS = {"loaders": "#3f5f7f", "conditioning": "#5f7f3f", "technique": "#7f3f5f", "sampling": "#7f6f3f",
                  "output": "#3f7f7f"}
-NODE_WIDTH, IMAGE_NODE_SIZE, NOTE_SIZE = 360, (540, 600), (760, 230)
+NODE_WIDTH, IMAGE_NODE_SIZE, NOTE_SIZE, TITLE_CHAR_WIDTH = 360, (440, 480), (760, 230), 8
+MAX_COLUMN_HEIGHT = 1100
 COLUMN_GAP, ROW_GAP, GROUP_PADDING, GROUP_TITLE = 80, 40, 20, 44
 TITLE_HEIGHT, SLOT_HEIGHT, WIDGET_HEIGHT, MULTILINE_HEIGHT, RUN_STATS_EXTRA = 34, 22, 28, 120, 140
 IMAGE_NODES = {"SaveImage", "PreviewImage"}
@@ -69,7 +70,8 @@ def node_size(node: dict, object_info: dict) -> list[int]:
     height = TITLE_HEIGHT + SLOT_HEIGHT * slots + WIDGET_HEIGHT * single + MULTILINE_HEIGHT * multi + 16
     if node["type"] == "GuidanceKitRunStats":
         height += RUN_STATS_EXTRA
-    return [NODE_WIDTH, height]
+    title = node.get("title") or object_info.get(node["type"], {}).get("display_name") or node["type"]
+    return [max(NODE_WIDTH, TITLE_CHAR_WIDTH * len(title) + 40), height]
 
 
 def _next_ids(workflow: dict) -> tuple[int, int]:
@@ -116,8 +118,42 @@ def set_note(workflow: dict, text: str) -> None:
     workflow["last_node_id"] = node_id + 1
 
 
+def chain_order(nodes: list[dict], links: list) -> dict[int, tuple]:
+    """A sort key per node that keeps chains together in a column: (the lowest id up the node's chain of
+    same-column sources, its depth in that chain), so an ImageScaleBy sits under the VAEDecode it follows."""
+    in_column = {node["id"] for node in nodes}
+    source_of = {}
+    for _, source, _, target, _, _ in links:
+        if source in in_column and target in in_column:
+            source_of.setdefault(target, source)
+    keys = {}
+    for node in nodes:
+        chain, current = [node["id"]], node["id"]
+        while current in source_of and source_of[current] not in chain:
+            current = source_of[current]
+            chain.append(current)
+        keys[node["id"]] = (min(chain), len(chain), node["id"])
+    return keys
+
+
+def place_column(nodes: list[dict], left: int, top: int, max_height: int) -> tuple[int, int]:
+    """Stack ``nodes`` from (left, top), starting a new sub-column when one would pass ``max_height``;
+    returns the (width, height) used."""
+    x, y, column_width, width, height = left, top, 0, 0, 0
+    for node in nodes:
+        if y > top and y + node["size"][1] - top > max_height:
+            x, y = x + column_width + COLUMN_GAP // 2, top
+            column_width = 0
+        node["pos"] = [x + GROUP_PADDING, y]
+        y += node["size"][1] + ROW_GAP + TITLE_HEIGHT
+        column_width = max(column_width, node["size"][0])
+        width, height = x + column_width - left, max(height, y - top)
+    return width, height
+
+
 def arrange(workflow: dict, object_info: dict) -> None:
-    """Place every node in its stage's column (in id order), the Note above, and one group per stage."""
+    """Place every node in its stage's column (chains kept together, wrapped into sub-columns past
+    MAX_COLUMN_HEIGHT; images shown in their own sub-column), the Note above, and one group per stage."""
     columns = {name: [] for name in STAGES}
     notes = []
     for node in sorted(workflow["nodes"], key=lambda n: n["id"]):
@@ -134,15 +170,18 @@ def arrange(workflow: dict, object_info: dict) -> None:
     for name, nodes in columns.items():
         if not nodes:
             continue
-        width = max(node["size"][0] for node in nodes)
-        y = top
-        for node in nodes:
-            node["pos"] = [x + GROUP_PADDING, y]
-            y += node["size"][1] + ROW_GAP + TITLE_HEIGHT
+        keys = chain_order(nodes, workflow["links"])
+        nodes.sort(key=lambda node: keys[node["id"]])
+        parts = [[n for n in nodes if n["type"] not in IMAGE_NODES], [n for n in nodes if n["type"] in IMAGE_NODES]]
+        width, height = 0, 0
+        for part in filter(None, parts):
+            used_width, used_height = place_column(part, x + width, top, MAX_COLUMN_HEIGHT)
+            width, height = width + used_width + COLUMN_GAP // 2, max(height, used_height)
+        width -= COLUMN_GAP // 2
         groups.append({"id": len(groups) + 1, "title": STAGE_TITLES[name], "color": STAGE_COLOURS[name],
                        "font_size": 24, "flags": {},
                        "bounding": [x, top - GROUP_TITLE - TITLE_HEIGHT, width + 2 * GROUP_PADDING,
-                                    y - top + GROUP_TITLE + GROUP_PADDING]})
+                                    height + GROUP_TITLE + GROUP_PADDING]})
         x += width + 2 * GROUP_PADDING + COLUMN_GAP
     workflow["groups"] = groups
     for order, node in enumerate(sorted(workflow["nodes"], key=lambda n: n["id"])):
