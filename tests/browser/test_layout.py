@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 from PIL import Image, ImageStat
-
 from test_frontend import FIT_VIEW, LOAD_WORKFLOW  # tests/browser is on sys.path (rootdir conftest)
 
 REPO = Path(__file__).resolve().parents[2]
