@@ -93,3 +93,11 @@ def test_real_model_workflow_uses_stock_loaders_and_standard_names(path):
     named = {value for node in loaders for value in node["widgets_values"] if str(value).endswith(".safetensors")}
     missing = STANDARD_FILES[path.stem.split("_")[0]] - named
     assert not missing, f"{path.name} does not load {sorted(missing)}"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_has_a_thumbnail(path):
+    """docs/images/workflows/<name>.png (scripts/make_thumbnails.py, from the browser tests' screenshots)."""
+    thumbnail = REPO / "docs" / "images" / "workflows" / f"{path.stem}.png"
+    assert thumbnail.is_file(), f"no {thumbnail.relative_to(REPO)}: run make test-browser, scripts/make_thumbnails.py"
+    assert thumbnail.stat().st_size < 200_000, f"{thumbnail.name} is {thumbnail.stat().st_size} bytes"

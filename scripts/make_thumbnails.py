@@ -1,0 +1,61 @@
+"""Thumbnails of every shipped workflow for the README and docs: docs/images/workflows/<workflow>.png,
+made from the browser tests' screenshots (run ``make test-browser`` first):
+
+* a toy workflow: its screenshot after the run (tests/browser/test_frontend.py: out/browser/<name>.png),
+  which shows the images it made;
+* a real-model workflow: its layout screenshot (tests/browser/test_layout.py: out/browser/layout/<name>.png).
+
+The frontend's side bar and tab bar are cropped off, the canvas scaled to THUMBNAIL_WIDTH and reduced to a
+palette, so each file stays under MAX_BYTES.
+
+    .venv/bin/python scripts/make_thumbnails.py
+"""
+import io
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+SCREENSHOTS = REPO / "out" / "browser"
+THUMBNAILS = REPO / "docs" / "images" / "workflows"
+CANVAS = (60, 40, 1920, 1080)  # (left, top, right, bottom) of the canvas in a 1920x1080 screenshot
+THUMBNAIL_WIDTH = 1200
+MAX_BYTES = 200_000
+
+
+def thumbnail(screenshot: Path) -> bytes:
+    """The PNG bytes of a screenshot's canvas, scaled down and palettised until it fits MAX_BYTES."""
+    with Image.open(screenshot) as image:
+        canvas = image.convert("RGB").crop(CANVAS)
+    width = THUMBNAIL_WIDTH
+    while True:
+        scaled = canvas.resize((width, round(canvas.height * width / canvas.width)), Image.LANCZOS)
+        buffer = io.BytesIO()
+        scaled.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(buffer, format="PNG", optimize=True)
+        if buffer.tell() < MAX_BYTES:
+            return buffer.getvalue()
+        width = int(width * 0.85)
+
+
+def main() -> None:
+    workflows = sorted((REPO / "workflows").glob("*.json"))
+    THUMBNAILS.mkdir(parents=True, exist_ok=True)
+    missing = []
+    for workflow in workflows:
+        after_run, layout = SCREENSHOTS / f"{workflow.stem}.png", SCREENSHOTS / "layout" / f"{workflow.stem}.png"
+        source = after_run if workflow.stem.startswith("toy_") and after_run.exists() else layout
+        if not source.exists():
+            missing.append(workflow.stem)
+            continue
+        target = THUMBNAILS / f"{workflow.stem}.png"
+        tmp = target.with_suffix(".png.tmp")
+        tmp.write_bytes(thumbnail(source))
+        tmp.replace(target)
+        print(f"{target.relative_to(REPO)} ({target.stat().st_size // 1000} KB) from {source.relative_to(REPO)}")
+    if missing:
+        sys.exit(f"no screenshot of {missing}: run `make test-browser` first")
+
+
+if __name__ == "__main__":
+    main()
