@@ -213,6 +213,10 @@ def autoguidance(b: Builder, family: str, name: str) -> None:
 
 
 CFG_FAMILIES = ("sd15", "sdxl", "sd35")  # Flux dev is guidance-distilled: cfg 1, no unconditional row to act on
+# Not built for real models (toy world only): GFCG could run with the CLIP Zero-Shot Classifier, but whether a
+# family's text encoder shares CLIP vision's embedding space is unchecked and CI has no small CLIP vision; PPAP
+# needs experts and DeeDiff heads trained per model (PPAP Train Experts, DeeDiff Train Heads); Autoguidance
+# needs a weaker model of the same family, which only SD3.5 has (Medium for Large).
 TECHNIQUES = {
     "adaptive_guidance": (adaptive_guidance, CFG_FAMILIES),
     "composable": (composable, CFG_FAMILIES),
@@ -247,11 +251,6 @@ NOTES = {
         "Autoguidance on SD3.5: guides SD3.5 Large with the smaller SD3.5 Medium (same latent space and text "
         "encoders) instead of the negative prompt; KSampler's cfg is the guidance weight w (try 1.5 to 3). "
         "Expect CFG-like sharpening with less over-saturation; the negative prompt is not used."),
-}
-SKIPPED = {  # technique: why it has no real-model workflow (see docs)
-    "GFCG": "needs an image classifier over the model's outputs; the pack ships one for the toy world only",
-    "PPAP": "needs a classifier and experts trained per model (PPAP Train Experts); toy world only",
-    "DeeDiff": "needs uncertainty heads trained per model (DeeDiff Train Heads); toy world only",
 }
 TOY_NOTES = {
     "toy_adaptive_guidance": "Adaptive Guidance on the toy world (32x32, CPU, seconds): top, the Guider with "
