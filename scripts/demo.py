@@ -22,6 +22,11 @@ OUT = REPO / "out" / "demo"
 CELL = 128
 LABEL_WIDTH = 330
 PROMPT_NODES = {"CLIPTextEncode", "PrimitiveStringMultiline", "GuidanceKitComposablePrompt"}
+TECHNIQUES = {"adaptive_guidance": "Adaptive Guidance", "autoguidance": "Autoguidance (+ GFCG)",
+              "composable_nodes": "Composable (Concept nodes)", "composable_prompt": "Composable (AND / NOT prompt)",
+              "deediff": "DeeDiff early exit", "gfcg": "GFCG", "lina_schedule": "LINA causality-aware schedule",
+              "linear_ag": "LinearAG (calibrated here)", "linear_ag_shipped": "LinearAG (shipped calibration)",
+              "ppap": "PPAP", "reference_cfg": "Reference CFG (baseline)"}
 
 
 def caption(workflow: Path) -> list[str]:
@@ -29,7 +34,8 @@ def caption(workflow: Path) -> list[str]:
     nodes = sorted(json.loads(workflow.read_text())["nodes"], key=lambda n: n["id"])
     prompts = [n["widgets_values"][0] for n in nodes if n["type"] in PROMPT_NODES and n.get("widgets_values")
                and n["widgets_values"][0]]
-    technique = workflow.stem.removeprefix("toy_").replace("_", " ")
+    name = workflow.stem.removeprefix("toy_")
+    technique = TECHNIQUES.get(name, name.replace("_", " "))
     prompt = f'"{prompts[0]}"' if prompts else "(empty prompt: unconditional)"
     return [technique, *textwrap.wrap(prompt, 44)]
 
