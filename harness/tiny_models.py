@@ -4,6 +4,10 @@ Each builder returns a ``TinyModel``: a real ``ModelPatcher`` over a ``comfy.mod
 and a pair of CONDITIONING lists (positive, negative) shaped as that family's text encoder would
 produce them.  Weights are initialised deterministically from a seed (ComfyUI's ops skip
 initialisation), so every run of a test sees the same model.
+
+``write_model_files`` writes each checkpoint family's smallest files the stock loaders detect (SD1.5, SDXL,
+SD3.5, Flux's VAE) under the standard file names, for the real-model workflow runs; ``TinyTextEncoder`` and
+``tiny_flux`` stand in for what cannot be made small (see the notes above ``CHECKPOINT_FAMILIES``).
 """
 import math
 from dataclasses import dataclass
