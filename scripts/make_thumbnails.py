@@ -5,8 +5,8 @@ made from the browser tests' screenshots (run ``make test-browser`` first):
   which shows the images it made;
 * a real-model workflow: its layout screenshot (tests/browser/test_layout.py: out/browser/layout/<name>.png).
 
-The frontend's side bar and tab bar are cropped off, the canvas scaled to THUMBNAIL_WIDTH and reduced to a
-palette, so each file stays under MAX_BYTES.
+The frontend's side bar, tab bar and the empty canvas around the graph are cropped off, the graph scaled to
+THUMBNAIL_WIDTH and reduced to a palette, so each file stays under MAX_BYTES.
 
     .venv/bin/python scripts/make_thumbnails.py
 """
@@ -14,7 +14,7 @@ import io
 import sys
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageChops
 
 REPO = Path(__file__).resolve().parent.parent
 SCREENSHOTS = REPO / "out" / "browser"
@@ -22,17 +22,34 @@ THUMBNAILS = REPO / "docs" / "images" / "workflows"
 CANVAS = (60, 40, 1920, 1080)  # (left, top, right, bottom) of the canvas in a 1920x1080 screenshot
 THUMBNAIL_WIDTH = 1200
 MAX_BYTES = 200_000
+MARGIN = 12
+OVERLAYS = 90  # pixels at the canvas's top and bottom under the frontend's floating bars
+
+
+def content(canvas: Image.Image) -> Image.Image:
+    """The canvas cropped to what differs from its background (the colour of its bottom-left corner), plus
+    MARGIN, leaving out the frontend's floating bars (workflow name, Run, zoom, stats) along the top and bottom."""
+    background = Image.new("RGB", canvas.size, canvas.getpixel((0, canvas.height - 1)))
+    mask = ImageChops.difference(canvas, background).convert("L").point(lambda level: 255 if level > 24 else 0)
+    mask.paste(0, (0, 0, canvas.width, OVERLAYS))
+    mask.paste(0, (0, canvas.height - OVERLAYS, canvas.width, canvas.height))
+    box = mask.getbbox()
+    if box is None:
+        return canvas
+    left, top, right, bottom = box
+    return canvas.crop((max(0, left - MARGIN), max(0, top - MARGIN), min(canvas.width, right + MARGIN),
+                        min(canvas.height, bottom + MARGIN)))
 
 
 def thumbnail(screenshot: Path) -> bytes:
     """The PNG bytes of a screenshot's canvas, scaled down and palettised until it fits MAX_BYTES."""
     with Image.open(screenshot) as image:
-        canvas = image.convert("RGB").crop(CANVAS)
-    width = THUMBNAIL_WIDTH
+        canvas = content(image.convert("RGB").crop(CANVAS))
+    width = min(THUMBNAIL_WIDTH, canvas.width)
     while True:
         scaled = canvas.resize((width, round(canvas.height * width / canvas.width)), Image.LANCZOS)
         buffer = io.BytesIO()
-        scaled.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(buffer, format="PNG", optimize=True)
+        scaled.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(buffer, format="PNG", optimize=True)
         if buffer.tell() < MAX_BYTES:
             return buffer.getvalue()
         width = int(width * 0.85)
