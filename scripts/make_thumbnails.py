@@ -23,7 +23,9 @@ CANVAS = (60, 40, 1920, 1080)  # (left, top, right, bottom) of the canvas in a 1
 THUMBNAIL_WIDTH = 1200
 MAX_BYTES = 200_000
 MARGIN = 12
-OVERLAYS = 90  # pixels at the canvas's top and bottom under the frontend's floating bars
+# The frontend's floating bars in canvas pixels (negative: from the right/bottom edge; 0 right/bottom: the edge):
+# workflow name (top left), Run toolbar and queue toast (top right), stats (bottom left), zoom (bottom right).
+OVERLAYS = ((0, 0, 300, 90), (-620, 0, 0, 120), (0, -110, 200, 0), (-360, -70, 0, 0))
 
 
 def content(canvas: Image.Image) -> Image.Image:
@@ -31,8 +33,8 @@ def content(canvas: Image.Image) -> Image.Image:
     MARGIN, leaving out the frontend's floating bars (workflow name, Run, zoom, stats) along the top and bottom."""
     background = Image.new("RGB", canvas.size, canvas.getpixel((0, canvas.height - 1)))
     mask = ImageChops.difference(canvas, background).convert("L").point(lambda level: 255 if level > 24 else 0)
-    mask.paste(0, (0, 0, canvas.width, OVERLAYS))
-    mask.paste(0, (0, canvas.height - OVERLAYS, canvas.width, canvas.height))
+    for left, top, right, bottom in OVERLAYS:
+        mask.paste(0, (left % canvas.width, top % canvas.height, right or canvas.width, bottom or canvas.height))
     box = mask.getbbox()
     if box is None:
         return canvas
