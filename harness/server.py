@@ -26,7 +26,11 @@ class ComfyServer:
 
     ``extra_custom_nodes`` adds folders of custom nodes for this server only (the test-only nodes
     under ``tests/`` use it); the pack itself is loaded from ComfyUI's ``custom_nodes/`` link.
+    ``models_dir`` (``<workdir>/models``) is one more models folder of this server only: files written to its
+    MODEL_FOLDERS at test time are listed by the stock loaders (the real-model workflow runs use it).
     """
+
+    MODEL_FOLDERS = ("checkpoints", "diffusion_models", "text_encoders", "vae")
 
     def __init__(self, extra_custom_nodes: list[Path] = (), start_timeout: float = 180.0):
         self.port = free_port()
@@ -34,6 +38,7 @@ class ComfyServer:
         self.workdir = Path(tempfile.mkdtemp(prefix="guidance-kit-server-"))
         self.log_path = self.workdir / "server.log"
         self.output_dir = self.workdir / "output"
+        self.models_dir = self.workdir / "models"
         self.extra_custom_nodes = [Path(p) for p in extra_custom_nodes]
         self.start_timeout = start_timeout
         self.process = None
@@ -51,11 +56,15 @@ class ComfyServer:
         command = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                    "--disable-auto-launch", "--output-directory", str(self.output_dir),
                    "--input-directory", str(self.workdir / "input"), "--user-directory", str(self.workdir / "user")]
+        config = self.workdir / "extra_model_paths.yaml"
+        lines = ["guidance_kit_tests:", f"  base_path: {self.models_dir}"]
+        lines += [f"  {folder}: {folder}" for folder in self.MODEL_FOLDERS]
         if self.extra_custom_nodes:
-            config = self.workdir / "extra_model_paths.yaml"
-            lines = ["guidance_kit_tests:", "  custom_nodes: |"] + [f"    {p}" for p in self.extra_custom_nodes]
-            config.write_text("\n".join(lines) + "\n")
-            command += ["--extra-model-paths-config", str(config)]
+            lines += ["  custom_nodes: |"] + [f"    {p}" for p in self.extra_custom_nodes]
+        for folder in self.MODEL_FOLDERS:
+            (self.models_dir / folder).mkdir(parents=True, exist_ok=True)
+        config.write_text("\n".join(lines) + "\n")
+        command += ["--extra-model-paths-config", str(config)]
         self.log_file = open(self.log_path, "w")
         self.process = subprocess.Popen(command, cwd=comfyui_dir(), stdout=self.log_file, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL)

@@ -4,9 +4,14 @@ Each builder returns a ``TinyModel``: a real ``ModelPatcher`` over a ``comfy.mod
 and a pair of CONDITIONING lists (positive, negative) shaped as that family's text encoder would
 produce them.  Weights are initialised deterministically from a seed (ComfyUI's ops skip
 initialisation), so every run of a test sees the same model.
+
+``write_model_files`` writes each checkpoint family's smallest files the stock loaders detect (SD1.5, SDXL,
+SD3.5, Flux's VAE) under the standard file names, for the real-model workflow runs; ``TinyTextEncoder`` and
+``tiny_flux`` stand in for what cannot be made small (see the notes above ``CHECKPOINT_FAMILIES``).
 """
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -120,3 +125,142 @@ class WordClip:
     def encode_from_tokens_scheduled(self, text):
         seed = sum(map(ord, text)) + 7 * len(text)
         return [[torch.randn(self.embedding.shape, generator=torch.Generator().manual_seed(seed)), dict(self.extras)]]
+
+
+# ---------------------------------------------------------------- tiny files under the standard names
+#
+# The smallest state dicts the stock loaders (CheckpointLoaderSimple, UNETLoader, VAELoader) detect as each
+# family, written under the file names the shipped workflows load.  Substitutes, used only in the tests:
+# * the VAE is a random-weight TAESD (ComfyUI's VAE class detects it by its ``taesd_decoder.`` keys): the
+#   families' full AutoencoderKL (about 83M weights, fixed by ComfyUI) would dominate the test's time;
+# * the text encoders cannot be made small (ComfyUI builds CLIP-L/G and T5-XXL at their full size whatever the
+#   file holds), so the checkpoints carry none and the test feeds every CLIP input from the test-only node
+#   ``GuidanceKitTestTinyTextEncoder`` (``TinyTextEncoder``: the family's context and pooled shapes);
+# * Flux is loaded by a test-only node in place of UNETLoader (``tiny_flux``: ComfyUI fixes its width);
+# * SDXL is detected as Segmind Vega (``comfy.supported_models.Segmind_Vega``, a subclass of SDXL with the same
+#   model class, conditioning and latent format): SDXL's own detection requires its 24 + 36 transformer blocks.
+
+@dataclass(frozen=True)
+class CheckpointFamily:
+    """A family's tiny files: {folder under models/: file name} and its text encoder's output shapes."""
+    files: dict
+    context_dim: int
+    pooled_dim: int | None
+    latent_channels: int
+
+
+CHECKPOINT_FAMILIES = {
+    "sd15": CheckpointFamily({"checkpoints": "v1-5-pruned-emaonly.safetensors"}, 768, None, 4),
+    "sdxl": CheckpointFamily({"checkpoints": "sd_xl_base_1.0.safetensors"}, 2048, 1280, 4),
+    "sd35": CheckpointFamily({"checkpoints": ("sd3.5_medium.safetensors", "sd3.5_large.safetensors")}, 64, 32, 16),
+    "flux": CheckpointFamily({"vae": "ae.safetensors"}, 64, 32, 16),  # the network: tiny_flux()
+}
+TEXT_ENCODER_FILES = ("clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors")  # empty placeholders
+
+
+def _diffusion_network(family: str, seed: int) -> torch.nn.Module:
+    """The family's smallest diffusion network the stock detection accepts, built from ComfyUI's classes."""
+    import comfy.model_base
+    import comfy.supported_models
+
+    if family == "sd15":
+        config = comfy.supported_models.SD15(_unet_config(
+            model_channels=320, context_dim=768, channel_mult=[1], num_res_blocks=[1], transformer_depth=[1],
+            transformer_depth_output=[0, 0], transformer_depth_middle=-1))
+        network = comfy.model_base.BaseModel(config).diffusion_model
+    elif family == "sdxl":
+        config = comfy.supported_models.Segmind_Vega(_unet_config(
+            model_channels=320, context_dim=2048, channel_mult=[1], num_res_blocks=[6],
+            transformer_depth=[0, 0, 1, 1, 2, 2], transformer_depth_output=[0] * 7, transformer_depth_middle=-1,
+            use_linear_in_transformer=True, adm_in_channels=2816,
+            num_classes="sequential"))
+        network = comfy.model_base.SDXL(config).diffusion_model
+    elif family == "sd35":
+        network = build("sd3_flow", seed).patcher.model.diffusion_model
+    else:
+        raise ValueError(f"unknown checkpoint family {family!r}; choose one of {sorted(CHECKPOINT_FAMILIES)}")
+    _initialise(network, seed)
+    return network
+
+
+def _taesd_state_dict(latent_channels: int, seed: int) -> dict:
+    import comfy.taesd.taesd
+
+    vae = comfy.taesd.taesd.TAESD(latent_channels=latent_channels)
+    _initialise(vae, seed)
+    return vae.state_dict()
+
+
+def write_model_files(family: str, models: Path, seed: int = 0) -> list[Path]:
+    """Write ``family``'s tiny files under ``models/<folder>/<standard name>`` (and empty text encoder files,
+    so the workflows' loader widgets validate); returns the paths written."""
+    boot()
+    import comfy.utils
+
+    spec = CHECKPOINT_FAMILIES[family]
+    network = {} if family == "flux" else {key: value.to(torch.float16).contiguous()
+                                           for key, value in _diffusion_network(family, seed).state_dict().items()}
+    vae = _taesd_state_dict(spec.latent_channels, seed + 1)
+    written = []
+    for folder, names in spec.files.items():
+        for name in (names,) if isinstance(names, str) else names:
+            path = Path(models) / folder / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if folder == "checkpoints":
+                weights = {**{f"model.diffusion_model.{k}": v for k, v in network.items()},
+                           **{f"first_stage_model.{k}": v for k, v in vae.items()}}
+            else:
+                weights = vae
+            comfy.utils.save_torch_file(weights, str(path))
+            written.append(path)
+    for name in TEXT_ENCODER_FILES:
+        path = Path(models) / "text_encoders" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    return written
+
+
+class TinyTextEncoder:
+    """Stand-in CLIP of a checkpoint family (``CHECKPOINT_FAMILIES``): each text maps to a fixed random
+    context [1, 8, context_dim] (and pooled output), the shapes the family's tiny network reads."""
+
+    def __init__(self, family: str):
+        self.spec = CHECKPOINT_FAMILIES[family]
+
+    def tokenize(self, text, **kwargs):
+        return text
+
+    def _encode(self, text) -> tuple[torch.Tensor, torch.Tensor | None]:
+        generator = torch.Generator().manual_seed(sum(map(ord, text)) + 7 * len(text))
+        context = torch.randn(1, 8, self.spec.context_dim, generator=generator)
+        pooled = torch.randn(1, self.spec.pooled_dim, generator=generator) if self.spec.pooled_dim else None
+        return context, pooled
+
+    def encode_from_tokens_scheduled(self, text, **kwargs):
+        context, pooled = self._encode(text)
+        return [[context, {} if pooled is None else {"pooled_output": pooled}]]
+
+    def encode_from_tokens(self, text, return_pooled=False, return_dict=False):
+        context, pooled = self._encode(text)
+        if return_dict:
+            return {"cond": context, "pooled_output": pooled}
+        return (context, pooled) if return_pooled else context
+
+
+def tiny_flux(seed: int = 0):
+    """A tiny Flux-dev-class MODEL (guidance embedding, 1 double and 1 single block of 128 wide).  The stock
+    detection fixes Flux at 24 heads of 128 channels (hidden size 3072, over 300M weights per double block),
+    so the tests load this one in place of UNETLoader's flux1-dev.safetensors."""
+    import comfy.model_base
+    import comfy.supported_models
+
+    boot()
+    config = comfy.supported_models.Flux(dict(
+        image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=64, hidden_size=128,
+        mlp_ratio=2.0, num_heads=1, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56], theta=10000, patch_size=2,
+        qkv_bias=True, guidance_embed=True))
+    config.set_inference_dtype(torch.float32, None)
+    model = comfy.model_base.Flux(config)
+    _initialise(model.diffusion_model, seed)
+    model.eval()
+    return _patcher(model)

@@ -3,6 +3,7 @@ server's ``/object_info`` for each node's input order (what the frontend does on
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SEED_NAMES = {"seed", "noise_seed"}
 MUTED, BYPASSED = 2, 4
+VIRTUAL_NODES = {"Note", "MarkdownNote"}  # frontend-only nodes: the frontend never sends them
 
 
 def _widget_names(definition: dict) -> list[tuple[str, bool]]:
@@ -34,13 +35,13 @@ def _source(link_id: int, wanted_type: str, links: dict, nodes: dict) -> list | 
 
 
 def ui_to_api(workflow: dict, object_info: dict) -> dict:
-    """The API prompt of a UI-format workflow: muted and bypassed nodes left out, links through a
-    bypassed node passed on to its input of the same type (``_source``)."""
+    """The API prompt of a UI-format workflow: muted, bypassed and frontend-only (Note) nodes left out,
+    links through a bypassed node passed on to its input of the same type (``_source``)."""
     links = {link[0]: link for link in workflow["links"]}
     nodes = {node["id"]: node for node in workflow["nodes"]}
     prompt = {}
     for node in workflow["nodes"]:
-        if node.get("mode", 0) in (MUTED, BYPASSED):
+        if node.get("mode", 0) in (MUTED, BYPASSED) or node["type"] in VIRTUAL_NODES:
             continue
         definition = object_info[node["type"]]
         inputs = {}

@@ -1,4 +1,4 @@
-"""The pack in the real ComfyUI frontend: every workflow in workflows/ loads with no missing node, runs
+"""The pack in the real ComfyUI frontend: every toy workflow in workflows/ loads with no missing node, runs
 when queued from the page, and the technique nodes (and Run Stats nodes) show their run summary,
 which only web/guidance_kit.js puts there.  Screenshots go to out/browser/<workflow>.png."""
 import json
@@ -8,7 +8,7 @@ import pytest
 from PIL import Image, ImageStat
 
 REPO = Path(__file__).resolve().parents[2]
-WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+WORKFLOWS = sorted((REPO / "workflows").glob("toy_*.json"))  # real-model ones: test_layout.py
 SCREENSHOTS = REPO / "out" / "browser"
 EXTENSION_NAME = "GuidanceKit.RunSummary"
 EXTENSION_URL = "/extensions/guidance_kit/guidance_kit.js"

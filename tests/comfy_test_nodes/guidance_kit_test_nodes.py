@@ -30,9 +30,45 @@ class TinyModelLoader(io.ComfyNode):
         return io.NodeOutput(tiny.patcher, tiny.positive, tiny.negative, tiny.empty_latent(batch_size))
 
 
+class TinyTextEncoder(io.ComfyNode):
+    """The text encoder substitute of the real-model workflow runs (harness/tiny_models.py says why)."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="GuidanceKitTestTinyTextEncoder",
+            display_name="Tiny text encoder (Guidance Kit tests)",
+            category="_for_testing",
+            inputs=[io.Combo.Input("family", options=list(tiny_models.CHECKPOINT_FAMILIES), tooltip="Model family.")],
+            outputs=[io.Clip.Output()],
+        )
+
+    @classmethod
+    def execute(cls, family) -> io.NodeOutput:
+        return io.NodeOutput(tiny_models.TinyTextEncoder(family))
+
+
+class TinyFlux(io.ComfyNode):
+    """Stands in for UNETLoader's flux1-dev.safetensors in the real-model workflow runs."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="GuidanceKitTestTinyFlux",
+            display_name="Tiny Flux model (Guidance Kit tests)",
+            category="_for_testing",
+            inputs=[],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls) -> io.NodeOutput:
+        return io.NodeOutput(tiny_models.tiny_flux())
+
+
 class TestNodes(ComfyExtension):
     async def get_node_list(self):
-        return [TinyModelLoader]
+        return [TinyModelLoader, TinyTextEncoder, TinyFlux]
 
 
 async def comfy_entrypoint():

@@ -1,0 +1,103 @@
+"""The real-model workflows (workflows/<family>_<technique>.json: SD1.5, SDXL, SD3.5, Flux) run end to end
+through the real server, queued over HTTP as the frontend sends them, on tiny random-weight files written
+at test time under the standard names into the server's own models folder (``harness.tiny_models``:
+``write_model_files``; what stands in for what, and why, is documented there): the stock loaders detect each
+file as its family, the technique runs, an image is saved and Run Stats reports the technique.
+
+Overridden in the test only (the shipped files keep the model cards' settings): 64x64 images (8x8 latents),
+2 steps, one calibration prompt, the text encoders (``GuidanceKitTestTinyTextEncoder``) and Flux's diffusion model
+(``GuidanceKitTestTinyFlux``).  LinearAG's calibration file is written under a ``test_server_`` name and removed.
+"""
+import copy
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from harness import tiny_models
+from harness.comfy_host import comfyui_dir
+from harness.workflow_api import _widget_names, ui_to_api
+
+REPO = Path(__file__).resolve().parent.parent
+REAL = sorted(path for path in (REPO / "workflows").glob("*.json") if not path.stem.startswith("toy_"))
+FAMILIES = {"sd15", "sdxl", "sd35", "flux"}
+TEST_OVERRIDES = {"steps": 2, "width": 64, "height": 64, "batch_size": 1}
+TEXT_ENCODER_LOADERS = {"DualCLIPLoader", "TripleCLIPLoader", "CLIPLoader"}
+TECHNIQUE_LABELS = {"adaptive_guidance": "AG", "composable": "Composable", "linear_ag": "LinearAG",
+                    "lina_schedule": "CFG", "autoguidance": "ATG"}
+SUMMARY = re.compile(r"^([\w+]+): \d+ steps")
+
+
+def family_of(path: Path) -> str:
+    return path.stem.split("_")[0]
+
+
+def set_widget(node: dict, object_info: dict, name: str, value) -> bool:
+    """Set widget ``name`` of a UI-format node (its index in widgets_values, seeds' control values counted)."""
+    index = 0
+    for widget, control in _widget_names(object_info[node["type"]]):
+        if widget == name:
+            node["widgets_values"][index] = value
+            return True
+        index += 1 + control
+    return False
+
+
+def as_tested(workflow: dict, family: str, object_info: dict) -> dict:
+    """The workflow as the test runs it: tiny sizes and steps, the substitute text encoder (and Flux model)."""
+    changed = copy.deepcopy(workflow)
+    encoder_id = max(node["id"] for node in changed["nodes"]) + 1
+    changed["nodes"] = [node for node in changed["nodes"] if node["type"] not in TEXT_ENCODER_LOADERS]
+    changed["nodes"].append({"id": encoder_id, "type": "GuidanceKitTestTinyTextEncoder", "mode": 0, "inputs": [],
+                             "outputs": [{"name": "CLIP", "type": "CLIP", "links": []}],
+                             "widgets_values": [family]})
+    for link in changed["links"]:
+        if link[5] == "CLIP":
+            link[1], link[2] = encoder_id, 0
+    for node in changed["nodes"]:
+        if node["type"] == "UNETLoader":
+            node.update(type="GuidanceKitTestTinyFlux", widgets_values=[])
+        if node["type"] in object_info:
+            for name, value in TEST_OVERRIDES.items():
+                set_widget(node, object_info, name, value)
+        if node["type"] == "GuidanceKitLinearAGCalibrate":
+            set_widget(node, object_info, "filename", f"test_server_{family}_linear_ag")
+            set_widget(node, object_info, "prompts", "a red fox")
+    return changed
+
+
+@pytest.fixture(scope="module")
+def model_files(comfy_server):
+    written = [path for family in sorted(FAMILIES) for path in tiny_models.write_model_files(family,
+                                                                                          comfy_server.models_dir)]
+    yield written
+    for path in written:
+        path.unlink(missing_ok=True)
+
+
+def test_every_family_is_covered():
+    assert {family_of(path) for path in REAL} == FAMILIES
+
+
+@pytest.mark.parametrize("path", REAL, ids=lambda p: p.stem)
+def test_real_model_workflow_runs_on_tiny_files(comfy_server, model_files, path):
+    object_info = comfy_server.get("/object_info")
+    workflow = json.loads(path.read_text())
+    missing = {node["type"] for node in workflow["nodes"] if node["type"] not in ("Note", "MarkdownNote")} - \
+        object_info.keys()
+    assert not missing, f"{path.name} uses unregistered nodes {sorted(missing)}"
+    family = family_of(path)
+    calibrations = comfyui_dir() / "models" / "linear_ag"
+    try:
+        entry = comfy_server.run(ui_to_api(as_tested(workflow, family, object_info), object_info), timeout=300)
+    finally:
+        for written in calibrations.glob(f"test_server_{family}_linear_ag*"):
+            written.unlink()
+    images = [image for output in entry["outputs"].values() for image in output.get("images", [])
+              if image.get("type") == "output"]
+    assert images, f"{path.name} saved no image"
+    summaries = [" ".join(output["text"]) for output in entry["outputs"].values() if "text" in output]
+    technique = TECHNIQUE_LABELS[path.stem.removeprefix(family + "_")]
+    assert summaries and all(SUMMARY.match(text) for text in summaries), summaries
+    assert any(SUMMARY.match(text).group(1) == technique for text in summaries), (technique, summaries)
