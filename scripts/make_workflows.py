@@ -265,6 +265,9 @@ TOY_NOTES = {
                    "confidence passes the threshold (Run Stats: layers run). Bottom: stacked with Adaptive Guidance.",
     "toy_gfcg": "GFCG: the toy classifier reads each sample's clean estimate and guidance pushes toward the target "
                 "class (targets, e.g. 'colour=red'). Top: the guider; bottom: the KSampler patch.",
+    "toy_lina": "LINA (auto, after LINA) on a relation prompt: Relation Prompt removes the relation words, the Auto "
+                "Guider adds early guidance toward them with settings from the shipped predictor (a placeholder "
+                "until bench/lina.py runs). Inputs: the relation words, cfg.",
     "toy_lina_schedule": "Causality-aware schedule (after LINA) against the base scheduler, same seed: compare the "
                          "two saved images. Inputs: share, boundary.",
     "toy_linear_ag": "LinearAG: Calibrate fits the regression on the toy world (seconds), then the Guider and the "
