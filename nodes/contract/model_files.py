@@ -26,7 +26,7 @@ import folder_paths
 from ...toyworld import weights
 
 EXTENSION = ".safetensors"
-FOLDERS = ("toyworld", "toyworld_v2", "classifiers", "ppap", "linear_ag", "deediff")
+FOLDERS = ("toyworld", "toyworld_v2", "classifiers", "ppap", "linear_ag", "learned_ag", "deediff")
 TOY_CLASSIFIER = "toy_classifier.safetensors (toy world)"  # listed under a label: it is not a classifier bundle
 TOY_EXPERTS = "toy_ppap_experts.safetensors"
 TOY_V2_DIT, TOY_V2_DIT_WEAK = "toy_v2_dit.safetensors", "toy_v2_dit_weak.safetensors"
@@ -39,6 +39,8 @@ SHIPPED: dict[str, dict[str, Path]] = {
     "ppap": {TOY_EXPERTS: weights.WEIGHTS_DIR / TOY_EXPERTS},
     "linear_ag": {"toy_dit_euler_simple_20_cfg4.safetensors":
                   weights.CALIBRATIONS_DIR / "toy_dit_euler_simple_20_cfg4.safetensors"},
+    "learned_ag": {"toy_dit_learned_ag_euler_simple_20_cfg4.safetensors":
+                   weights.CALIBRATIONS_DIR / "toy_dit_learned_ag_euler_simple_20_cfg4.safetensors"},
     "deediff": {weights.DEEDIFF_HEADS.name: weights.DEEDIFF_HEADS},
 }
 FILE_NAME_LIMIT = 255  # bytes of a file name on common file systems
