@@ -41,9 +41,9 @@ import runner  # noqa: E402
 CFG_SCALE = 4.0
 STEPS = 20
 SEEDS = 4
-STRIDE = 3
+STRIDE = 6
 CALIBRATION_SEED = 10_000
-GRID = (1, 2, 3, 5, 8, 12)
+GRID = (1, 2, 4, 8, 12)
 FOLDS = 4
 TOLERANCES = (0.004, 0.006, 0.008, 0.01, 0.015)
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -349,23 +349,8 @@ def live(world, policy, threshold: float) -> dict:
 
 # ---------------------------------------------------------------- main
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cache", type=Path, help="folder for the recorded branches (resumable)")
-    parser.add_argument("--live", action="store_true", help="also run the guider itself on validation")
-    parser.add_argument("--save-policy", type=Path, help="write the policy fitted on all dev records here")
-    parser.add_argument("--no-tiny", action="store_true", help="skip the tiny real-architecture check")
-    parser.add_argument("--quick", action="store_true", help="smoke run: every 13th prompt, a smaller tiny check")
-    args = parser.parse_args(argv)
-    if args.cache:
-        args.cache.mkdir(parents=True, exist_ok=True)
-
-    world = runner.load_world()
-    stride = 13 if args.quick else STRIDE
-    dev = record_split(world, "dev", CALIBRATION_SEED, args.cache, stride)
-    recording_seconds = sum(r["seconds"] for r in dev)
-    validation = record_split(world, "validation", 0, args.cache, stride)
-
+def analyse(dev: list[dict], validation: list[dict], recording_seconds: float) -> dict:
+    """Design choices on dev (leave-prompts-out), then every rule scored on validation."""
     # design choices on dev (leave-prompts-out)
     from guidance_kit.samplers.learned_ag import monotone_fraction
 
@@ -395,9 +380,8 @@ def main(argv=None):
     peer_matched = matched(validation, peer_steps, chosen["rows"], reference)
     hindsight = score(validation, hindsight_steps(validation), reference)
     out = {
-        "quick": args.quick,
         "protocol": {"world": "toy v1 (default)", "steps": STEPS, "seeds": SEEDS, "cfg_scale": CFG_SCALE,
-                     "stride": stride, "grid": list(GRID), "dev_prompts": len(dev),
+                     "stride": STRIDE, "grid": list(GRID), "dev_prompts": len(dev),
                      "validation_prompts": len(validation), "images": len(reference["passed"])},
         "tolerance": tolerance, "feature_set": feature_set, "threshold": threshold,
         "cfg_rows": reference["rows"], "cfg_pass": reference["pass"],
@@ -416,16 +400,39 @@ def main(argv=None):
                       "pass_within_1pt": chosen["pass"] >= reference["pass"] - TARGET["tolerance"] - 1e-9,
                       "beats_ag_at_rows": chosen["pass"] > ag_matched["pass"],
                       "beats_peer_at_rows": chosen["pass"] > peer_matched["pass"]}
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cache", type=Path, help="folder for the recorded branches (resumable)")
+    parser.add_argument("--live", action="store_true", help="also run the guider itself on validation")
+    parser.add_argument("--save-policy", type=Path, help="write the policy fitted on all dev records here")
+    parser.add_argument("--no-tiny", action="store_true", help="skip the tiny real-architecture check")
+    parser.add_argument("--quick", action="store_true", help="smoke run: every 13th prompt, a smaller tiny check")
+    args = parser.parse_args(argv)
+    if args.cache:
+        args.cache.mkdir(parents=True, exist_ok=True)
+
+    world = runner.load_world()
+    stride = 13 if args.quick else STRIDE
+    dev = record_split(world, "dev", CALIBRATION_SEED, args.cache, stride)
+    recording_seconds = sum(r["seconds"] for r in dev)
+    validation = record_split(world, "validation", 0, args.cache, stride)
+
+    out = analyse(dev, validation, recording_seconds)
+    out["quick"] = args.quick
+    out["protocol"]["stride"] = stride
     if args.save_policy or args.live:
         from guidance_kit.nodes.learned_ag import fit_policy
 
         node_policy = fit_policy(world.model, dev, steps=STEPS, cfg=CFG_SCALE, sampler_name="euler",
-                                 scheduler="simple", tolerance=tolerance, seconds=recording_seconds)
-        node_policy.info["default_threshold"] = threshold
+                                 scheduler="simple", tolerance=out["tolerance"], seconds=recording_seconds)
+        node_policy.info["default_threshold"] = out["threshold"]
         if args.save_policy:
             node_policy.save(args.save_policy)
         if args.live:
-            out["live"] = live(world, node_policy, threshold)
+            out["live"] = live(world, node_policy, out["threshold"])
     if not args.no_tiny:
         out["tiny_sd15_eps"] = tiny_check(*((2, 1, 6) if args.quick else ()))
     runner.emit(out)
