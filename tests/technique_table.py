@@ -125,6 +125,27 @@ def _ppap(guider):
 
 
 PPAP_FAMILY = "'experts': .* was trained on a .* model; this model samples as"
+_LEARNED_AG_POLICIES = {}
+
+
+def _learned_ag(guider):
+    """Adaptive Guidance (learned) with a policy calibrated on the toy model at the table's STEPS and CFG."""
+    def build(world, model):
+        from guidance_kit.nodes.learned_ag import LearnedAGGuider, LearnedAGModelPatch, calibrate
+
+        key = id(world.model)
+        if key not in _LEARNED_AG_POLICIES:
+            _LEARNED_AG_POLICIES[key] = calibrate(world.model, world.vae, [world.positive], world.negative,
+                                                  world.latent(1), seed=0, steps=STEPS, cfg=CFG, sampler_name="euler",
+                                                  scheduler="simple", tolerance=0.05)
+        policy = _LEARNED_AG_POLICIES[key]
+        if guider:
+            return run_node(LearnedAGGuider, model, world.positive, world.negative, CFG, policy, 0.5)[0]
+        return run_node(LearnedAGModelPatch, model, policy, 0.5)[0]
+    return build
+
+
+LEARNED_AG_FAMILY = "the policy was calibrated on model ToyWorldModel"
 
 TABLE = [
     Row("Reference CFG Guider", _guider("reference"), guider=True, uses_slot=False, plain_cfg=True),
@@ -134,6 +155,10 @@ TABLE = [
         other_family_error="the calibration was fitted on model ToyWorldModel"),
     Row("LinearAG", _patch("linear_ag"), guider=False, acts=("LinearAG",), needs_uncond=True,
         other_family_error="the calibration was fitted on model ToyWorldModel"),
+    Row("Adaptive Guidance (learned) Guider", _learned_ag(guider=True), guider=True, acts=("Learned AG",),
+        needs_uncond=True, other_family_error=LEARNED_AG_FAMILY),
+    Row("Adaptive Guidance (learned)", _learned_ag(guider=False), guider=False, acts=("Learned AG",),
+        needs_uncond=True, other_family_error=LEARNED_AG_FAMILY),
     Row("Composable Guider", _guider("composable"), guider=True, composes=True, acts=("Composable",)),
     Row("Composable", _patch("composable"), guider=False, composes=True, acts=("Composable",)),
     Row("GFCG Guider", _reference_guidance("gfcg", True), guider=True, other_family_error=GFCG_FAMILY,
