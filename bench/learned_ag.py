@@ -57,32 +57,36 @@ FEATURE_SETS = {"all": None, "no_prompt": "dynamic", "progress_and_prompt": ("pr
 
 # ---------------------------------------------------------------- recording
 
-def record_split(world, split: str, seed: int, cache: Path | None, stride: int = STRIDE) -> list[dict]:
-    """Per prompt of the split (every STRIDE-th): ``record_outcomes`` with oracle verdicts of every branch;
-    resumable through ``cache``."""
+def record_splits(world, splits: dict, cache: Path | None, stride: int = STRIDE, record: bool = True) -> dict:
+    """{split: records}: per prompt of each split (every ``stride``-th) in ``splits`` ({split: noise seed}),
+    ``record_outcomes`` with the oracle verdicts of every branch; the splits take turns prompt by prompt
+    and each prompt is saved to ``cache`` as it is done (resumable; ``record=False`` only reads the cache)."""
     from guidance_kit.nodes import learned_ag as node
     from guidance_kit.nodes.toyworld import ToyWorldEmptyLatent
     from guidance_kit.toyworld import oracle
 
-    prompts = runner.prompt_set(split, False)[::stride]
-    path = cache / f"{split}_{seed}_s{stride}.pt" if cache else None
-    records = torch.load(path) if path and path.exists() else []
-    for index in range(len(records), len(prompts)):
-        prompt, spec = prompts[index]
-        start = time.perf_counter()
-        record = node.record_outcomes(world.model, world.vae, world.encode(prompt), world.encode(""),
-                                      ToyWorldEmptyLatent.execute(SEEDS)[0], seed=seed + index * stride, steps=STEPS,
-                                      cfg=CFG_SCALE, sampler_name="euler", scheduler="simple", switch_steps=GRID,
-                                      keep_images=True)
-        record["seconds"] = time.perf_counter() - start
-        record["kind"] = spec["kind"]
-        record["verdicts"] = {k: [oracle.judge(image.numpy(), spec)["pass"] for image in images]
-                              for k, images in record.pop("branch_images").items()}
-        record["verdicts"][STEPS] = [oracle.judge(image.numpy(), spec)["pass"] for image in record.pop("images")]
-        records.append(record)
-        print(f"\r{split}: {index + 1}/{len(prompts)} prompts", end="", file=sys.stderr, flush=True)
-        if path:
-            torch.save(records, path)
+    prompts = {split: runner.prompt_set(split, False)[::stride] for split in splits}
+    paths = {split: cache / f"{split}_{seed}_s{stride}.pt" if cache else None for split, seed in splits.items()}
+    records = {split: torch.load(path) if path and path.exists() else [] for split, path in paths.items()}
+    for index in range(max(map(len, prompts.values())) if record else 0):
+        for split, seed in splits.items():
+            if index < len(records[split]) or index >= len(prompts[split]):
+                continue
+            prompt, spec = prompts[split][index]
+            start = time.perf_counter()
+            outcome = node.record_outcomes(world.model, world.vae, world.encode(prompt), world.encode(""),
+                                           ToyWorldEmptyLatent.execute(SEEDS)[0], seed=seed + index * stride,
+                                           steps=STEPS, cfg=CFG_SCALE, sampler_name="euler", scheduler="simple",
+                                           switch_steps=GRID, keep_images=True)
+            outcome["seconds"] = time.perf_counter() - start
+            outcome["kind"] = spec["kind"]
+            outcome["verdicts"] = {k: [oracle.judge(image.numpy(), spec)["pass"] for image in images]
+                                   for k, images in outcome.pop("branch_images").items()}
+            outcome["verdicts"][STEPS] = [oracle.judge(image.numpy(), spec)["pass"] for image in outcome.pop("images")]
+            records[split].append(outcome)
+            print(f"\r{split}: {index + 1}/{len(prompts[split])} prompts", end="", file=sys.stderr, flush=True)
+            if paths[split]:
+                torch.save(records[split], paths[split])
     return records
 
 
@@ -409,6 +413,8 @@ def main(argv=None):
     parser.add_argument("--live", action="store_true", help="also run the guider itself on validation")
     parser.add_argument("--save-policy", type=Path, help="write the policy fitted on all dev records here")
     parser.add_argument("--no-tiny", action="store_true", help="skip the tiny real-architecture check")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="analyse only the prompts already recorded in --cache (a partial run: say so)")
     parser.add_argument("--quick", action="store_true", help="smoke run: every 13th prompt, a smaller tiny check")
     args = parser.parse_args(argv)
     if args.cache:
@@ -416,12 +422,14 @@ def main(argv=None):
 
     world = runner.load_world()
     stride = 13 if args.quick else STRIDE
-    dev = record_split(world, "dev", CALIBRATION_SEED, args.cache, stride)
+    records = record_splits(world, {"dev": CALIBRATION_SEED, "validation": 0}, args.cache, stride,
+                            record=not args.cached_only)
+    dev, validation = records["dev"], records["validation"]
     recording_seconds = sum(r["seconds"] for r in dev)
-    validation = record_split(world, "validation", 0, args.cache, stride)
 
     out = analyse(dev, validation, recording_seconds)
     out["quick"] = args.quick
+    out["cached_only"] = args.cached_only
     out["protocol"]["stride"] = stride
     if args.save_policy or args.live:
         from guidance_kit.nodes.learned_ag import fit_policy
