@@ -37,6 +37,7 @@ from ..samplers.training import offset_seed
 from .contract import (
     Technique,
     TwinSpec,
+    broadcast_to_batch,
     check_number,
     check_numeric_inputs,
     encode_prompt,
@@ -80,6 +81,11 @@ def positive_context(cond_list) -> torch.Tensor:
     raise ValueError(f"{NODE}: the positive conditioning has no cross-attention context")
 
 
+def prompt_of_samples(cond_list, batch: int) -> torch.Tensor:
+    """Each sample's prompt embedding [batch, D], the context broadcast to the batch as ComfyUI does."""
+    return lag.prompt_embedding(broadcast_to_batch(positive_context(cond_list), batch)).cpu()
+
+
 def schedule_steps(sigma: float, schedule: torch.Tensor) -> int:
     """The step an evaluation at ``sigma`` belongs to: the number of schedule sigmas above it (within rtol)."""
     return int((schedule > sigma * (1 + SIGMA_RTOL) + 1e-9).sum())
@@ -107,8 +113,7 @@ def record_outcomes(model, vae, positive, negative, latent: dict, *, seed: int, 
         step = schedule_steps(sigma, schedule)
         record["latents"].setdefault(step, args["input"].detach().cpu())
         if record["prompt"] is None:
-            context = positive_context(args["conds"][0])
-            record["prompt"] = lag.prompt_embedding(context).cpu().expand(args["input"].shape[0], -1)
+            record["prompt"] = prompt_of_samples(args["conds"][0], args["input"].shape[0])
         record["features"].append(tracker.features(step / steps, out[0], out[1], cfg))
         record["steps"].append(step)
         record["batch_cosine"].append(float(lag.batch_cosine(out[0], out[1], cfg)))
@@ -259,9 +264,8 @@ class LearnedAdaptiveGuidance(Technique):
         skip = state.switch.skipped(sigma, evaluator.batch)
         cond, uncond = evaluator.skipping(skip)
         if state.prompt is None:
-            embedding = lag.prompt_embedding(positive_context(evaluator.cond)).cpu()
-            coordinates = lag.project_prompts(embedding, self.policy.prompt_mean, self.policy.prompt_basis)
-            state.prompt = coordinates.expand(evaluator.batch, -1) if coordinates.shape[0] == 1 else coordinates
+            state.prompt = lag.project_prompts(prompt_of_samples(evaluator.cond, evaluator.batch),
+                                               self.policy.prompt_mean, self.policy.prompt_basis)
         features = state.tracker.features(schedule_steps(sigma, state.schedule) / state.steps, cond, uncond, state.cfg)
         probability = self.policy.probability(torch.cat([features, state.prompt], dim=1))
         measured = ~skip

@@ -125,23 +125,31 @@ def _ppap(guider):
 
 
 PPAP_FAMILY = "'experts': .* was trained on a .* model; this model samples as"
-_LEARNED_AG_POLICIES = {}
+
+
+@functools.cache
+def toy_learned_ag_policy():
+    """An Adaptive Guidance (learned) policy of the toy model at the table's STEPS and CFG (one prompt, one image)."""
+    import nodes
+
+    from guidance_kit.nodes.learned_ag import calibrate
+    from guidance_kit.nodes.toyworld import ToyWorldEmptyLatent, ToyWorldLoader
+
+    model, clip, vae = run_node(ToyWorldLoader, "toy_dit.safetensors")
+    positive, negative = (run_node(nodes.CLIPTextEncode, clip, text)[0] for text in ("a red circle on the left", ""))
+    return calibrate(model, vae, [positive], negative, run_node(ToyWorldEmptyLatent, 1)[0], seed=0, steps=STEPS,
+                     cfg=CFG, sampler_name="euler", scheduler="simple", tolerance=0.05)
 
 
 def _learned_ag(guider):
-    """Adaptive Guidance (learned) with a policy calibrated on the toy model at the table's STEPS and CFG."""
+    """Adaptive Guidance (learned) with the toy model's policy (``toy_learned_ag_policy``)."""
     def build(world, model):
-        from guidance_kit.nodes.learned_ag import LearnedAGGuider, LearnedAGModelPatch, calibrate
+        from guidance_kit.nodes.learned_ag import LearnedAGGuider, LearnedAGModelPatch
 
-        key = id(world.model)
-        if key not in _LEARNED_AG_POLICIES:
-            _LEARNED_AG_POLICIES[key] = calibrate(world.model, world.vae, [world.positive], world.negative,
-                                                  world.latent(1), seed=0, steps=STEPS, cfg=CFG, sampler_name="euler",
-                                                  scheduler="simple", tolerance=0.05)
-        policy = _LEARNED_AG_POLICIES[key]
         if guider:
-            return run_node(LearnedAGGuider, model, world.positive, world.negative, CFG, policy, 0.5)[0]
-        return run_node(LearnedAGModelPatch, model, policy, 0.5)[0]
+            return run_node(LearnedAGGuider, model, world.positive, world.negative, CFG, toy_learned_ag_policy(),
+                            0.5)[0]
+        return run_node(LearnedAGModelPatch, model, toy_learned_ag_policy(), 0.5)[0]
     return build
 
 
