@@ -39,8 +39,7 @@ SHIPPED: dict[str, dict[str, Path]] = {
     "ppap": {TOY_EXPERTS: weights.WEIGHTS_DIR / TOY_EXPERTS},
     "linear_ag": {"toy_dit_euler_simple_20_cfg4.safetensors":
                   weights.CALIBRATIONS_DIR / "toy_dit_euler_simple_20_cfg4.safetensors"},
-    "learned_ag": {"toy_dit_learned_ag_euler_simple_20_cfg4.safetensors":
-                   weights.CALIBRATIONS_DIR / "toy_dit_learned_ag_euler_simple_20_cfg4.safetensors"},
+    "learned_ag": {},
     "deediff": {weights.DEEDIFF_HEADS.name: weights.DEEDIFF_HEADS},
 }
 FILE_NAME_LIMIT = 255  # bytes of a file name on common file systems
