@@ -169,22 +169,23 @@ class Policy:
 def fit_logistic(features: torch.Tensor, targets: torch.Tensor, *, l2: float = 1e-3,
                  iterations: int = 200) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(weights, bias, mean, std): L2-regularised logistic regression on standardised [N, F] features
-    (L-BFGS in float64; ``l2`` on the weights, per example)."""
-    x = features.double()
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-    z = (x - mean) / std
-    y = targets.double()
-    w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    optimiser = torch.optim.LBFGS([w, b], max_iter=iterations, line_search_fn="strong_wolfe")
+    (L-BFGS in float64; ``l2`` on the weights, per example).  Runs with autograd on even inside ComfyUI's
+    inference mode (nodes execute there)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        x = features.detach().double().clone()
+        mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+        z = (x - mean) / std
+        y = targets.detach().double().clone()
+        w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+        b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+        optimiser = torch.optim.LBFGS([w, b], max_iter=iterations, line_search_fn="strong_wolfe")
 
-    def loss():
-        optimiser.zero_grad()
-        value = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y) + l2 * w.pow(2).sum()
-        value.backward()
-        return value
+        def loss():
+            optimiser.zero_grad()
+            value = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y) + l2 * w.pow(2).sum()
+            value.backward()
+            return value
 
-    with torch.enable_grad():
         optimiser.step(loss)
     return w.detach().float(), b.detach().float(), mean.float(), std.float()
 
