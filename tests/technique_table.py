@@ -148,6 +148,35 @@ def _lina(guider, auto):
 LINA_FAMILY = "'ablated' has width 128, the positive has"
 LINA_AUTO_FAMILY = "'predictor': .* was written for another model"
 
+
+@functools.cache
+def toy_learned_ag_policy():
+    """An Adaptive Guidance (learned) policy of the toy model at the table's STEPS and CFG (one prompt, one image)."""
+    import nodes
+
+    from guidance_kit.nodes.learned_ag import calibrate
+    from guidance_kit.nodes.toyworld import ToyWorldEmptyLatent, ToyWorldLoader
+
+    model, clip, vae = run_node(ToyWorldLoader, "toy_dit.safetensors")
+    positive, negative = (run_node(nodes.CLIPTextEncode, clip, text)[0] for text in ("a red circle on the left", ""))
+    return calibrate(model, vae, [positive], negative, run_node(ToyWorldEmptyLatent, 1)[0], seed=0, steps=STEPS,
+                     cfg=CFG, sampler_name="euler", scheduler="simple", tolerance=0.05)
+
+
+def _learned_ag(guider):
+    """Adaptive Guidance (learned) with the toy model's policy (``toy_learned_ag_policy``)."""
+    def build(world, model):
+        from guidance_kit.nodes.learned_ag import LearnedAGGuider, LearnedAGModelPatch
+
+        if guider:
+            return run_node(LearnedAGGuider, model, world.positive, world.negative, CFG, toy_learned_ag_policy(),
+                            0.5)[0]
+        return run_node(LearnedAGModelPatch, model, toy_learned_ag_policy(), 0.5)[0]
+    return build
+
+
+LEARNED_AG_FAMILY = "the policy was calibrated on model ToyWorldModel"
+
 TABLE = [
     Row("Reference CFG Guider", _guider("reference"), guider=True, uses_slot=False, plain_cfg=True),
     Row("Adaptive Guidance Guider", _guider("ag"), guider=True, acts=("AG",), needs_uncond=True),
@@ -156,6 +185,10 @@ TABLE = [
         other_family_error="the calibration was fitted on model ToyWorldModel"),
     Row("LinearAG", _patch("linear_ag"), guider=False, acts=("LinearAG",), needs_uncond=True,
         other_family_error="the calibration was fitted on model ToyWorldModel"),
+    Row("Adaptive Guidance (learned) Guider", _learned_ag(guider=True), guider=True, acts=("Learned AG",),
+        needs_uncond=True, other_family_error=LEARNED_AG_FAMILY),
+    Row("Adaptive Guidance (learned)", _learned_ag(guider=False), guider=False, acts=("Learned AG",),
+        needs_uncond=True, other_family_error=LEARNED_AG_FAMILY),
     Row("Composable Guider", _guider("composable"), guider=True, composes=True, acts=("Composable",)),
     Row("Composable", _patch("composable"), guider=False, composes=True, acts=("Composable",)),
     Row("GFCG Guider", _reference_guidance("gfcg", True), guider=True, other_family_error=GFCG_FAMILY,

@@ -18,7 +18,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from technique_table import CFG, TABLE, _gfcg_options, guider_of, ids
+from technique_table import CFG, TABLE, _gfcg_options, guider_of, ids, toy_learned_ag_policy
 
 import comfy.model_management
 import folder_paths
@@ -385,7 +385,8 @@ def valid_inputs(schema, toy) -> dict:
     """Working values of every required input of a node (an unknown type fails, naming what to add)."""
     by_type = {"MODEL": toy.model, "CONDITIONING": toy.positive, "CLIP": toy.clip, "LATENT": latent(1),
                "GUIDANCE_KIT_LINEAR_AG": toy.calibration, "GUIDANCE_KIT_CLASSIFIER": toy.classifier,
-               "GUIDANCE_KIT_DEEDIFF_HEADS": toy.heads}
+               "GUIDANCE_KIT_DEEDIFF_HEADS": toy.heads, "VAE": toy.vae,
+               "GUIDANCE_KIT_LEARNED_AG": toy_learned_ag_policy()}
     values = {}
     for spec in schema.inputs:
         if spec.optional:

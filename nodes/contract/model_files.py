@@ -26,7 +26,7 @@ import folder_paths
 from ...toyworld import weights
 
 EXTENSION = ".safetensors"
-FOLDERS = ("toyworld", "toyworld_v2", "classifiers", "ppap", "linear_ag", "deediff", "lina")
+FOLDERS = ("toyworld", "toyworld_v2", "classifiers", "ppap", "linear_ag", "learned_ag", "deediff", "lina")
 TOY_CLASSIFIER = "toy_classifier.safetensors (toy world)"  # listed under a label: it is not a classifier bundle
 TOY_EXPERTS = "toy_ppap_experts.safetensors"
 TOY_LINA_PREDICTOR = "toy_lina_predictor.safetensors"
@@ -40,6 +40,7 @@ SHIPPED: dict[str, dict[str, Path]] = {
     "ppap": {TOY_EXPERTS: weights.WEIGHTS_DIR / TOY_EXPERTS},
     "linear_ag": {"toy_dit_euler_simple_20_cfg4.safetensors":
                   weights.CALIBRATIONS_DIR / "toy_dit_euler_simple_20_cfg4.safetensors"},
+    "learned_ag": {},
     "deediff": {weights.DEEDIFF_HEADS.name: weights.DEEDIFF_HEADS, weights.DEEDIFF_JOINT.name: weights.DEEDIFF_JOINT},
     "lina": {TOY_LINA_PREDICTOR: weights.WEIGHTS_DIR / TOY_LINA_PREDICTOR},
 }
