@@ -51,6 +51,19 @@ OVERVIEW = {
     "GuidanceKitLinearAG": (
         "LinearAG as a MODEL patch for KSampler: the unconditional is regressed on most steps.",
         "adaptive_guidance.md"),
+    "GuidanceKitLearnedAGCalibrate": (
+        "Calibrates a per-sample switch policy for this MODEL, sampler, schedule and cfg: runs your prompts "
+        "with full CFG, labels each sample's earliest switch step whose decoded image stays within `tolerance` "
+        "of the CFG image, and fits a logistic policy on features that cost no extra model rows. Saved to "
+        "models/learned_ag/.", "learned_ag.md"),
+    "GuidanceKitLearnedAGLoad": (
+        "Loads an Adaptive Guidance (learned) policy from models/learned_ag/.", "learned_ag.md"),
+    "GuidanceKitLearnedAGGuider": (
+        "Adaptive Guidance whose per-sample switch is decided by the calibrated policy: a sample stops "
+        "evaluating the unconditional once p(safe) reaches `threshold`. A policy from another model is an "
+        "error; another sampler, schedule or cfg gives a warning and plain CFG.", "learned_ag.md"),
+    "GuidanceKitLearnedAG": (
+        "Adaptive Guidance (learned) as a MODEL patch for KSampler.", "learned_ag.md"),
     "GuidanceKitComposableConcept": (
         "Adds one concept with its own signed weight to a composition (Composable Diffusion AND; a negative "
         "weight is NOT). Chain one per concept, then sample with the Composable Guider, or with KSampler "

@@ -265,6 +265,9 @@ TOY_NOTES = {
                    "confidence passes the threshold (Run Stats: layers run). Bottom: stacked with Adaptive Guidance.",
     "toy_gfcg": "GFCG: the toy classifier reads each sample's clean estimate and guidance pushes toward the target "
                 "class (targets, e.g. 'colour=red'). Top: the guider; bottom: the KSampler patch.",
+    "toy_learned_ag": "Adaptive Guidance (learned): Calibrate fits the switch policy on three prompts (full CFG, then "
+                      "each switch step's decoded image against CFG's), then the Guider samples with it; Run Stats "
+                      "plots p(safe) per sample. Inputs: tolerance, threshold.",
     "toy_lina": "LINA (auto, after LINA) on a relation prompt: Relation Prompt removes the relation words, the Auto "
                 "Guider adds early guidance toward them with settings from the shipped predictor (a placeholder "
                 "until bench/lina.py runs). Inputs: the relation words, cfg.",
