@@ -40,7 +40,8 @@ SHIPPED: dict[str, dict[str, Path]] = {
     "ppap": {TOY_EXPERTS: weights.WEIGHTS_DIR / TOY_EXPERTS},
     "linear_ag": {"toy_dit_euler_simple_20_cfg4.safetensors":
                   weights.CALIBRATIONS_DIR / "toy_dit_euler_simple_20_cfg4.safetensors"},
-    "learned_ag": {},
+    "learned_ag": {"toy_dit_learned_ag_euler_simple_20_cfg4.safetensors":
+                   weights.CALIBRATIONS_DIR / "toy_dit_learned_ag_euler_simple_20_cfg4.safetensors"},
     "deediff": {weights.DEEDIFF_HEADS.name: weights.DEEDIFF_HEADS, weights.DEEDIFF_JOINT.name: weights.DEEDIFF_JOINT},
     "lina": {TOY_LINA_PREDICTOR: weights.WEIGHTS_DIR / TOY_LINA_PREDICTOR},
 }
