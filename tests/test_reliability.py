@@ -197,7 +197,7 @@ def test_unusable_calibration_filename_fails_before_the_calibration_runs(toy, li
                                                                           case):
     """Found: an over-long name or an existing directory failed only after the whole calibration, with
     a raw OS error; calibrating under the shipped calibration's name silently shadowed it (refused)."""
-    from guidance_kit.toyworld.weights import CALIBRATIONS_DIR
+    from guidance_kit.nodes.contract import model_files
 
     if case == "too long":
         filename = "x" * 250
@@ -205,7 +205,7 @@ def test_unusable_calibration_filename_fails_before_the_calibration_runs(toy, li
         filename = "folder"
         (linear_ag_folder / "folder.safetensors").mkdir()
     else:
-        filename = next(CALIBRATIONS_DIR.glob("*.safetensors")).stem
+        filename = Path(next(iter(model_files.SHIPPED["linear_ag"]))).stem
     before = files_under(linear_ag_folder.parent)
     with pytest.raises(ValueError, match=r"^LinearAG Calibrate: 'filename'"):
         calibrate_node(toy, filename)
@@ -605,6 +605,11 @@ NON_TECHNIQUE_NODES = {
     "GuidanceKitComposablePrompt": "test_composable_prompt_text_gives_a_bounded_composition_or_an_error_naming_it",
     "GuidanceKitLinearAGCalibrate": "test_odd_calibration_filenames_are_rejected_before_compute",
     "GuidanceKitLinearAGLoad": "test_damaged_calibration_files_load_or_fail_naming_node_input_and_file",
+    "GuidanceKitLearnedAGCalibrate": "test_learned_ag::test_calibrate_node_saves_the_file_and_reports_progress",
+    "GuidanceKitLearnedAGLoad": "test_learned_ag::test_calibrate_node_saves_the_file_and_reports_progress",
+    "GuidanceKitToyWorldV2Loader": "test_toyworld_v2_comfy::test_loader_errors_name_the_node_and_the_file",
+    "GuidanceKitToyWorldV2EmptyLatent":
+        "test_toyworld_v2_comfy::test_the_model_is_comfyuis_flux_with_the_training_parametrisation",
     "GuidanceKitLINASchedule": "test_lina::test_sampler_custom_runs_on_the_schedule_and_it_changes_the_image",
     "GuidanceKitLINARelationPrompt": "test_lina::test_relation_prompt_removes_the_given_words_or_the_top_ranked_ones",
     "GuidanceKitRunStats": "test_run_stats_without_a_technique_source_names_the_input",
