@@ -137,6 +137,8 @@ class WordClip:
 #   file holds), so the checkpoints carry none and the test feeds every CLIP input from the test-only node
 #   ``GuidanceKitTestTinyTextEncoder`` (``TinyTextEncoder``: the family's context and pooled shapes);
 # * Flux is loaded by a test-only node in place of UNETLoader (``tiny_flux``: ComfyUI fixes its width);
+# * CLIP vision (GFCG's zero-shot classifier) is a 2-layer ViT from a tiny config (``tiny_clip_vision``), its
+#   projection as wide as the family's pooled text output, in place of CLIPVisionLoader's full-size file;
 # * SDXL is detected as Segmind Vega (``comfy.supported_models.Segmind_Vega``, a subclass of SDXL with the same
 #   model class, conditioning and latent format): SDXL's own detection requires its 24 + 36 transformer blocks.
 
@@ -264,3 +266,24 @@ def tiny_flux(seed: int = 0):
     _initialise(model.diffusion_model, seed)
     model.eval()
     return _patcher(model)
+
+
+def tiny_clip_vision(projection_dim: int, seed: int = 7):
+    """A ComfyUI ``ClipVisionModel`` of two 32-wide layers on 32x32 images, its projection ``projection_dim``
+    wide: the CLIP vision stand-in of the tests."""
+    import json
+    import tempfile
+
+    boot()
+    import comfy.clip_vision
+
+    config = {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": 32,
+              "image_size": 32, "intermediate_size": 64, "layer_norm_eps": 1e-5, "model_type": "clip_vision_model",
+              "num_attention_heads": 2, "num_channels": 3, "num_hidden_layers": 2, "patch_size": 8,
+              "projection_dim": projection_dim}
+    with tempfile.TemporaryDirectory(prefix="guidance-kit-clip-vision-") as directory:
+        path = Path(directory) / "config.json"
+        path.write_text(json.dumps(config))
+        clip_vision = comfy.clip_vision.ClipVisionModel(str(path))
+    _initialise(clip_vision.model, seed)
+    return clip_vision

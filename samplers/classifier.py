@@ -80,13 +80,14 @@ class Classifier:
         """Images [B, 3, H, W] in [-1, 1] -> the network's input: resized (bilinear, antialiased) and normalised."""
         parameter = next(self.network.parameters(), None)
         if parameter is not None:
-            images = images.to(device=parameter.device, dtype=parameter.dtype)
-        if tuple(images.shape[-2:]) != tuple(self.input_size):
-            images = F.interpolate(images, size=tuple(self.input_size), mode="bilinear", antialias=True,
+            images = images.to(device=parameter.device)
+        if tuple(images.shape[-2:]) != tuple(self.input_size):  # in float: no antialiased half resize on CPU
+            images = F.interpolate(images.float(), size=tuple(self.input_size), mode="bilinear", antialias=True,
                                    align_corners=False)
         mean = images.new_tensor(self.mean).view(1, 3, 1, 1)
         std = images.new_tensor(self.std).view(1, 3, 1, 1)
-        return ((images + 1) / 2 - mean) / std
+        normalised = ((images + 1) / 2 - mean) / std
+        return normalised if parameter is None else normalised.to(parameter.dtype)
 
     def logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-head logits {head: [B, classes]} of images [B, 3, H, W] in [-1, 1] (differentiable)."""

@@ -41,6 +41,9 @@ NEGATIVE = "blurry, low quality, watermark"
 COMPOSABLE = "a red fox in a snowy forest AND a wooden cabin AND NOT people"
 CALIBRATION_PROMPTS = "\n".join(["a red fox in a snowy forest", "a bowl of ramen on a wooden table",
                                  "a lighthouse on a cliff at sunset", "a portrait of an old sailor"])
+RELATION_PROMPT = "a red fox sitting to the left of a wooden cabin in a snowy forest"
+RELATION_WORDS = "to the left of"
+FUR_COLOURS = "colour: red, grey, white, black"  # GFCG's zero-shot classes; "red" is the prompt's phrase
 
 
 class Builder:
@@ -94,7 +97,7 @@ class Builder:
                 "links": self.links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
 
 
-def family_base(b: Builder, family: str, checkpoint: str | None = None) -> dict:
+def family_base(b: Builder, family: str, checkpoint: str | None = None, prompt: str = PROMPT) -> dict:
     """The family's stock loaders, prompts and empty latent: {model, clip, vae, positive, negative, latent} as
     (node, output) pairs."""
     spec = FAMILIES[family]
@@ -111,7 +114,7 @@ def family_base(b: Builder, family: str, checkpoint: str | None = None) -> dict:
             names = spec["text_encoders"]
             clip = b.node("TripleCLIPLoader", clip_name1=names[0], clip_name2=names[1], clip_name3=names[2])
             clip_out = (clip, 0)
-    positive = b.node("CLIPTextEncode", title="Positive prompt", text=PROMPT)
+    positive = b.node("CLIPTextEncode", title="Positive prompt", text=prompt)
     negative = b.node("CLIPTextEncode", title="Negative prompt", text="" if family == "flux" else NEGATIVE)
     for encoder in (positive, negative):
         b.connect(*clip_out, encoder, "clip")
@@ -168,23 +171,45 @@ def composable(b: Builder, family: str, name: str) -> None:
     outputs(b, base, ksampler(b, family, base, (patch, 0), positive=(prompt, 0)), name, (patch, 0))
 
 
+def custom_sampler(b: Builder, base: dict, guider: dict, sigmas: dict, sampler_name: str) -> dict:
+    """SamplerCustomAdvanced with seed 42 over ``guider`` and ``sigmas``."""
+    noise = b.node("RandomNoise", noise_seed=42)
+    sampler_select = b.node("KSamplerSelect", sampler_name=sampler_name)
+    sampler = b.node("SamplerCustomAdvanced")
+    for source, input_name in ((noise, "noise"), (guider, "guider"), (sampler_select, "sampler"),
+                               (sigmas, "sigmas")):
+        b.connect(source, 0, sampler, input_name)
+    b.connect(*base["latent"], sampler, "latent_image")
+    return sampler
+
+
+def connect_guider(b: Builder, base: dict, guider: dict) -> None:
+    b.connect(*base["model"], guider, "model")
+    b.connect(*base["positive"], guider, "positive")
+    b.connect(*base["negative"], guider, "negative")
+
+
 def lina_schedule(b: Builder, family: str, name: str) -> None:
     spec = FAMILIES[family]
     base = family_base(b, family)
     guider = b.node("GuidanceKitReferenceCFGGuider", cfg=spec["cfg"])
-    b.connect(*base["model"], guider, "model")
-    b.connect(*base["positive"], guider, "positive")
-    b.connect(*base["negative"], guider, "negative")
+    connect_guider(b, base, guider)
     schedule = b.node("GuidanceKitLINASchedule", scheduler=spec["scheduler"], steps=spec["steps"])
     b.connect(*base["model"], schedule, "model")
-    noise = b.node("RandomNoise", noise_seed=42)
-    sampler_select = b.node("KSamplerSelect", sampler_name=spec["sampler"])
-    sampler = b.node("SamplerCustomAdvanced")
-    for source, input_name in ((noise, "noise"), (guider, "guider"), (sampler_select, "sampler"),
-                               (schedule, "sigmas")):
-        b.connect(source, 0, sampler, input_name)
-    b.connect(*base["latent"], sampler, "latent_image")
-    outputs(b, base, sampler, name, (guider, 0))
+    outputs(b, base, custom_sampler(b, base, guider, schedule, spec["sampler"]), name, (guider, 0))
+
+
+def lina(b: Builder, family: str, name: str) -> None:
+    spec = FAMILIES[family]
+    base = family_base(b, family, prompt=RELATION_PROMPT)
+    relation = b.node("GuidanceKitLINARelationPrompt", text=RELATION_PROMPT, words=RELATION_WORDS)
+    b.connect(*base["clip"], relation, "clip")
+    guider = b.node("GuidanceKitLINAGuider", cfg=spec["cfg"])
+    connect_guider(b, base, guider)
+    b.connect(relation, 0, guider, "ablated")
+    scheduler = b.node("BasicScheduler", scheduler=spec["scheduler"], steps=spec["steps"])
+    b.connect(*base["model"], scheduler, "model")
+    outputs(b, base, custom_sampler(b, base, guider, scheduler, spec["sampler"]), name, (guider, 0))
 
 
 def linear_ag(b: Builder, family: str, name: str) -> None:
@@ -212,17 +237,61 @@ def autoguidance(b: Builder, family: str, name: str) -> None:
     outputs(b, base, ksampler(b, family, base, (patch, 0), cfg=2.0), name, (patch, 0))
 
 
+def learned_ag(b: Builder, family: str, name: str) -> None:
+    spec = FAMILIES[family]
+    base = family_base(b, family)
+    calibrate = b.node("GuidanceKitLearnedAGCalibrate", prompts=CALIBRATION_PROMPTS, negative_prompt=NEGATIVE,
+                       steps=spec["steps"], cfg=spec["cfg"], sampler_name=spec["sampler"],
+                       scheduler=spec["scheduler"], filename=f"learned_ag_{family}")
+    for key in ("model", "clip", "vae", "latent"):
+        b.connect(*base[key], calibrate, key)
+    patch = b.node("GuidanceKitLearnedAG")
+    b.connect(*base["model"], patch, "model")
+    b.connect(calibrate, 0, patch, "policy")
+    outputs(b, base, ksampler(b, family, base, (patch, 0)), name, (patch, 0))
+
+
+def deediff(b: Builder, family: str, name: str) -> None:
+    spec = FAMILIES[family]
+    base = family_base(b, family)
+    train = b.node("GuidanceKitDeeDiffTrain", prompts=CALIBRATION_PROMPTS, negative_prompt=NEGATIVE,
+                   sample_steps=spec["steps"], cfg=spec["cfg"], sampler_name=spec["sampler"],
+                   scheduler=spec["scheduler"], filename=f"deediff_{family}")
+    for key in ("model", "clip", "latent"):
+        b.connect(*base[key], train, key)
+    patch = b.node("GuidanceKitDeeDiff")
+    b.connect(*base["model"], patch, "model")
+    b.connect(train, 0, patch, "heads")
+    outputs(b, base, ksampler(b, family, base, (patch, 0)), name, (patch, 0))
+
+
+def gfcg(b: Builder, family: str, name: str) -> None:
+    base = family_base(b, family)
+    vision = b.node("CLIPVisionLoader", clip_name=CLIP_VISION[family])
+    classifier = b.node("GuidanceKitClipZeroShotClassifier", classes=FUR_COLOURS, template="a photo of a {} fox",
+                        pixel_source="latent_rgb")
+    b.connect(vision, 0, classifier, "clip_vision")
+    b.connect(*base["clip"], classifier, "clip")
+    patch = b.node("GuidanceKitGFCG", prompt=PROMPT, targets="colour=red")
+    b.connect(*base["model"], patch, "model")
+    b.connect(classifier, 0, patch, "classifier")
+    b.connect(*base["clip"], patch, "clip")
+    outputs(b, base, ksampler(b, family, base, (patch, 0)), name, (patch, 0))
+
+
 CFG_FAMILIES = ("sd15", "sdxl", "sd35")  # Flux dev is guidance-distilled: cfg 1, no unconditional row to act on
-# Not built for real models (toy world only): GFCG could run with the CLIP Zero-Shot Classifier, but whether a
-# family's text encoder shares CLIP vision's embedding space is unchecked and CI has no small CLIP vision; PPAP
-# needs experts and DeeDiff heads trained per model (PPAP Train Experts, DeeDiff Train Heads); Autoguidance
-# needs a weaker model of the same family, which only SD3.5 has (Medium for Large).
+CLIP_VISION = {"sdxl": "clip_vision_g.safetensors"}  # the CLIP vision model sharing the family's pooled text space
+# Why a technique lacks a family: docs/workflows.md (the table of techniques and families).
 TECHNIQUES = {
     "adaptive_guidance": (adaptive_guidance, CFG_FAMILIES),
+    "learned_ag": (learned_ag, CFG_FAMILIES),
     "composable": (composable, CFG_FAMILIES),
     "linear_ag": (linear_ag, CFG_FAMILIES),
+    "lina": (lina, CFG_FAMILIES),
     "lina_schedule": (lina_schedule, (*CFG_FAMILIES, "flux")),
     "autoguidance": (autoguidance, ("sd35",)),
+    "gfcg": (gfcg, tuple(CLIP_VISION)),
+    "deediff": (deediff, ("sd35",)),
 }
 COMMON_NOTE = ("\n\nFiles: {files}.\nSampling: {steps} steps, cfg {cfg}, {sampler}/{scheduler} (the model card's "
                "settings). Run Stats plots what the technique did each step and prints a one-line summary.")
@@ -247,6 +316,34 @@ NOTES = {
         "Causality-aware schedule (after LINA) on {label}: moves a share of the steps before the boundary, where "
         "layout and relations are decided. Expect the same prompt with relations (left of, on top of) followed "
         "more often. Inputs that matter: share, boundary, steps."),
+    "learned_ag": (
+        "Adaptive Guidance (learned) on {label}: Calibrate runs full-CFG samplings of the prompts once (slow: each "
+        "prompt's run plus a conditional-only branch from every step, decoded) and saves "
+        "models/learned_ag/learned_ag_{family}.safetensors; then the patch drops a sample's negative prompt once the "
+        "policy predicts its image will not change. Afterwards swap Calibrate for 'Adaptive Guidance (learned) "
+        "Load'. Expect fewer model evaluations than CFG with small image changes (on the toy world it saved 41% "
+        "of rows at a cost in prompt adherence: docs/learned_ag.md). Inputs that matter: threshold (higher = "
+        "safer), the calibration's tolerance, and its steps/cfg/sampler (must match the KSampler's)."),
+    "lina": (
+        "LINA guidance (after LINA) on {label}: Relation Prompt removes the relation words ('{words}') from the "
+        "prompt; the LINA Guider adds early guidance along prompt minus that, on the causality-aware schedule. Keep "
+        "the Relation Prompt's text equal to the positive prompt. The toy-world benchmark found no effect on "
+        "relations and a loss on mirror prompts (docs/lina.md): compare with the same seed without it. Inputs that "
+        "matter: words, prompt_strength, window, share."),
+    "gfcg": (
+        "GFCG on {label} with a zero-shot CLIP classifier: CLIP vision G reads each sample's preview (latent_rgb) "
+        "against '{classes}'; when a sample drifts to another fur colour, guidance pushes from the prompt with "
+        "that colour toward the prompt with 'red'. SDXL's pooled text output is CLIP-G's, the space of "
+        "clip_vision_g. Expect the target colour held more often, at one extra model row for confused samples. "
+        "Inputs that matter: classes and targets (the prompt must contain the target phrase), scale, confidence, "
+        "start_percent."),
+    "deediff": (
+        "DeeDiff early exit on {label}: Train Heads records full-CFG runs of the prompts and trains one small "
+        "uncertainty head per MMDiT block (slow; saved to models/deediff/deediff_{family}.safetensors; use a few "
+        "dozen prompts), then Early Exit lets each row leave the network once its predicted confidence passes "
+        "the threshold. Afterwards swap Train Heads for 'DeeDiff Load Heads'. Expect fewer blocks run (Run "
+        "Stats) and image changes growing as the threshold falls (docs/deediff.md). Inputs that matter: "
+        "threshold, train_steps, adapter_rank (joint training)."),
     "autoguidance": (
         "Autoguidance on SD3.5: guides SD3.5 Large with the smaller SD3.5 Medium (same latent space and text "
         "encoders) instead of the negative prompt; KSampler's cfg is the guidance weight w (try 1.5 to 3). "
@@ -294,7 +391,8 @@ def real_workflows(object_info: dict) -> dict[str, dict]:
             spec = FAMILIES[family]
             files = sorted({v for n in b.nodes if "Loader" in n["type"] for v in n["widgets_values"]
                             if str(v).endswith(".safetensors")})
-            note = NOTES[technique].format(label=spec["label"], family=family) + COMMON_NOTE.format(
+            note = NOTES[technique].format(label=spec["label"], family=family, words=RELATION_WORDS,
+                                           classes=FUR_COLOURS) + COMMON_NOTE.format(
                 files=", ".join(files), steps=spec["steps"], cfg=spec["cfg"], sampler=spec["sampler"],
                 scheduler=spec["scheduler"])
             set_note(workflow, note)

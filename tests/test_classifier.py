@@ -1,11 +1,8 @@
 """The CLASSIFIER type: toy-file adapter, classifier bundles, zero-shot CLIP, pixels from latents."""
-import json
 
 import numpy as np
 import pytest
 import torch
-
-import comfy.clip_vision
 
 from guidance_kit.samplers.bundles import BundleError, save_bundle
 from guidance_kit.samplers.classifier import (
@@ -115,16 +112,8 @@ def test_zero_shot_network_is_scaled_cosine_similarity():
 
 
 @pytest.fixture(scope="module")
-def tiny_clip_vision(tmp_path_factory):
-    config = {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": 32,
-              "image_size": 32, "intermediate_size": 64, "layer_norm_eps": 1e-5, "model_type": "clip_vision_model",
-              "num_attention_heads": 2, "num_channels": 3, "num_hidden_layers": 2, "patch_size": 8,
-              "projection_dim": 128}
-    path = tmp_path_factory.mktemp("clip_vision") / "tiny.json"
-    path.write_text(json.dumps(config))
-    clip_vision = comfy.clip_vision.ClipVisionModel(str(path))
-    tiny_models._initialise(clip_vision.model, seed=7)
-    return clip_vision
+def tiny_clip_vision():
+    return tiny_models.tiny_clip_vision(128)
 
 
 def test_clip_zero_shot_matches_comfyui_encode_image(tiny_clip_vision):

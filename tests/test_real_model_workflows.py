@@ -5,8 +5,10 @@ at test time under the standard names into the server's own models folder (``har
 file as its family, the technique runs, an image is saved and Run Stats reports the technique.
 
 Overridden in the test only (the shipped files keep the model cards' settings): 64x64 images (8x8 latents),
-2 steps, one calibration prompt, the text encoders (``GuidanceKitTestTinyTextEncoder``) and Flux's diffusion model
-(``GuidanceKitTestTinyFlux``).  LinearAG's calibration file is written under a ``test_server_`` name and removed.
+2 sampling steps, one calibration/training prompt, 2 training steps on 16 rows, the text encoders
+(``GuidanceKitTestTinyTextEncoder``), Flux's diffusion model (``GuidanceKitTestTinyFlux``) and CLIP vision
+(``GuidanceKitTestTinyClipVision``).  Calibration and training files (LinearAG, Adaptive Guidance (learned),
+DeeDiff) are written under ``test_server_`` names and removed.
 """
 import copy
 import json
@@ -22,11 +24,14 @@ from harness.workflow_api import _widget_names, ui_to_api
 REPO = Path(__file__).resolve().parent.parent
 REAL = sorted(path for path in (REPO / "workflows").glob("*.json") if not path.stem.startswith("toy_"))
 FAMILIES = {"sd15", "sdxl", "sd35", "flux"}
-TEST_OVERRIDES = {"steps": 2, "width": 64, "height": 64, "batch_size": 1}
+TEST_OVERRIDES = {"steps": 2, "sample_steps": 2, "train_steps": 2, "training_rows": 16, "width": 64, "height": 64,
+                  "batch_size": 1, "prompts": "a red fox"}
+WRITTEN_FOLDERS = ("linear_ag", "learned_ag", "deediff")  # where the workflows' calibration/training nodes write
 TEXT_ENCODER_LOADERS = {"DualCLIPLoader", "TripleCLIPLoader", "CLIPLoader"}
-TECHNIQUE_LABELS = {"adaptive_guidance": "AG", "composable": "Composable", "linear_ag": "LinearAG",
-                    "lina_schedule": "CFG", "autoguidance": "ATG"}
-SUMMARY = re.compile(r"^([\w+]+): \d+ steps")
+TECHNIQUE_LABELS = {"adaptive_guidance": "AG", "learned_ag": "Learned AG", "composable": "Composable",
+                    "linear_ag": "LinearAG", "lina": "LINA", "lina_schedule": "CFG", "autoguidance": "ATG",
+                    "gfcg": "GFCG", "deediff": "DeeDiff"}
+SUMMARY = re.compile(r"^([\w+ ]+?): \d+ steps")
 
 
 def family_of(path: Path) -> str:
@@ -44,8 +49,9 @@ def set_widget(node: dict, object_info: dict, name: str, value) -> bool:
     return False
 
 
-def as_tested(workflow: dict, family: str, object_info: dict) -> dict:
-    """The workflow as the test runs it: tiny sizes and steps, the substitute text encoder (and Flux model)."""
+def as_tested(workflow: dict, family: str, object_info: dict, written_prefix: str) -> dict:
+    """The workflow as the test runs it: tiny sizes and steps, the substitute text encoder (and Flux model, CLIP
+    vision), files written under ``written_prefix``."""
     changed = copy.deepcopy(workflow)
     encoder_id = max(node["id"] for node in changed["nodes"]) + 1
     changed["nodes"] = [node for node in changed["nodes"] if node["type"] not in TEXT_ENCODER_LOADERS]
@@ -58,12 +64,12 @@ def as_tested(workflow: dict, family: str, object_info: dict) -> dict:
     for node in changed["nodes"]:
         if node["type"] == "UNETLoader":
             node.update(type="GuidanceKitTestTinyFlux", widgets_values=[])
+        if node["type"] == "CLIPVisionLoader":
+            node.update(type="GuidanceKitTestTinyClipVision", widgets_values=[family])
         if node["type"] in object_info:
             for name, value in TEST_OVERRIDES.items():
                 set_widget(node, object_info, name, value)
-        if node["type"] == "GuidanceKitLinearAGCalibrate":
-            set_widget(node, object_info, "filename", f"test_server_{family}_linear_ag")
-            set_widget(node, object_info, "prompts", "a red fox")
+            set_widget(node, object_info, "filename", written_prefix)
     return changed
 
 
@@ -88,12 +94,14 @@ def test_real_model_workflow_runs_on_tiny_files(comfy_server, model_files, path)
         object_info.keys()
     assert not missing, f"{path.name} uses unregistered nodes {sorted(missing)}"
     family = family_of(path)
-    calibrations = comfyui_dir() / "models" / "linear_ag"
+    written_prefix = f"test_server_{path.stem}"
     try:
-        entry = comfy_server.run(ui_to_api(as_tested(workflow, family, object_info), object_info), timeout=300)
+        entry = comfy_server.run(ui_to_api(as_tested(workflow, family, object_info, written_prefix), object_info),
+                                 timeout=300)
     finally:
-        for written in calibrations.glob(f"test_server_{family}_linear_ag*"):
-            written.unlink()
+        for folder in WRITTEN_FOLDERS:
+            for written in (comfyui_dir() / "models" / folder).rglob(f"{written_prefix}*"):
+                written.unlink()
     images = [image for output in entry["outputs"].values() for image in output.get("images", [])
               if image.get("type") == "output"]
     assert images, f"{path.name} saved no image"

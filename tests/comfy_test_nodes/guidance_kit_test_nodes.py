@@ -66,9 +66,29 @@ class TinyFlux(io.ComfyNode):
         return io.NodeOutput(tiny_models.tiny_flux())
 
 
+class TinyClipVision(io.ComfyNode):
+    """Stands in for CLIPVisionLoader in the real-model workflow runs: projection as wide as the family's pooled
+    text output (``tiny_models.tiny_clip_vision``)."""
+
+    @classmethod
+    def define_schema(cls):
+        families = [name for name, spec in tiny_models.CHECKPOINT_FAMILIES.items() if spec.pooled_dim]
+        return io.Schema(
+            node_id="GuidanceKitTestTinyClipVision",
+            display_name="Tiny CLIP vision (Guidance Kit tests)",
+            category="_for_testing",
+            inputs=[io.Combo.Input("family", options=families, tooltip="Model family (its pooled text width).")],
+            outputs=[io.ClipVision.Output()],
+        )
+
+    @classmethod
+    def execute(cls, family) -> io.NodeOutput:
+        return io.NodeOutput(tiny_models.tiny_clip_vision(tiny_models.CHECKPOINT_FAMILIES[family].pooled_dim))
+
+
 class TestNodes(ComfyExtension):
     async def get_node_list(self):
-        return [TinyModelLoader, TinyTextEncoder, TinyFlux]
+        return [TinyModelLoader, TinyTextEncoder, TinyFlux, TinyClipVision]
 
 
 async def comfy_entrypoint():
