@@ -63,7 +63,7 @@ def main() -> None:
     missing = []
     for workflow in workflows:
         after_run, layout = SCREENSHOTS / f"{workflow.stem}.png", SCREENSHOTS / "layout" / f"{workflow.stem}.png"
-        source = after_run if workflow.stem.startswith("toy_") and after_run.exists() else layout
+        source = after_run if workflow.stem.startswith("toy_") else layout  # a toy's layout shot shows no images
         if not source.exists():
             missing.append(workflow.stem)
             continue
