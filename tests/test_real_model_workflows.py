@@ -32,6 +32,9 @@ TECHNIQUE_LABELS = {"adaptive_guidance": "AG", "learned_ag": "Learned AG", "comp
                     "linear_ag": "LinearAG", "lina": "LINA", "lina_schedule": "CFG", "autoguidance": "ATG",
                     "gfcg": "GFCG", "deediff": "DeeDiff"}
 SUMMARY = re.compile(r"^([\w+ ]+?): \d+ steps")
+# What Run Stats must report when the technique acted at all on the tiny run (where that is certain at 2 steps):
+# LINA's ablated-prompt row comes on top of CFG's two in its window (the first step).
+ACTED = {"lina": "more than CFG's"}
 
 
 def family_of(path: Path) -> str:
@@ -109,3 +112,5 @@ def test_real_model_workflow_runs_on_tiny_files(comfy_server, model_files, path)
     technique = TECHNIQUE_LABELS[path.stem.removeprefix(family + "_")]
     assert summaries and all(SUMMARY.match(text) for text in summaries), summaries
     assert any(SUMMARY.match(text).group(1) == technique for text in summaries), (technique, summaries)
+    evidence = ACTED.get(path.stem.removeprefix(family + "_"))
+    assert evidence is None or any(evidence in text for text in summaries), (evidence, summaries)
