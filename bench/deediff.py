@@ -21,8 +21,6 @@ The DeeDiff threshold is chosen on dev (the most blocks saved with the pass rate
 the full model's; the most saving threshold if none is), likewise AG + DeeDiff (``AG_TARGET``), and the cache
 threshold whose dev blocks are closest to the chosen DeeDiff's; validation figures are reported for those choices.
 Pass rates come with the paired difference to the full model (same prompts and noise) and its standard error.
-``--start-percents``: DeeDiff Early Exit's ``start_percent`` values, each swept with every threshold (rows exit only
-from that fraction of sampling on; 0, the default, is the paper's rule); the choice on dev picks the pair.
 ``exit_depth_by_step``: mean blocks run per model row at each step (validation, chosen threshold).
 ``--quick``: validation only (every other prompt) at the ``DEFAULT_*`` settings, without AG alone, the cache peer
 at the ``QUICK_CACHE_THRESHOLDS`` value whose blocks are closest to DeeDiff's;
@@ -84,8 +82,7 @@ class DepthByStep:
         return [round(total / count, 3) if count else None for total, count in totals]
 
 
-def exit_config(heads, threshold: float, ag_threshold: float | None = None, depth: DepthByStep | None = None,
-                start_percent: float = 0.0):
+def exit_config(heads, threshold: float, ag_threshold: float | None = None, depth: DepthByStep | None = None):
     from guidance_kit.nodes.adaptive_guidance import patch_adaptive_guidance
     from guidance_kit.nodes.contract.guiders import cfg_guider
     from guidance_kit.nodes.deediff import patch_deediff
@@ -94,8 +91,7 @@ def exit_config(heads, threshold: float, ag_threshold: float | None = None, dept
         if ag_threshold is not None:
             model = patch_adaptive_guidance(model, threshold=ag_threshold, measure="auto",
                                             start_percent=0.0, end_percent=1.0)
-        guider = cfg_guider(patch_deediff(model, heads, threshold, start_percent=start_percent), positive, negative,
-                            CFG_SCALE)
+        guider = cfg_guider(patch_deediff(model, heads, threshold), positive, negative, CFG_SCALE)
         return depth.keep(guider) if depth is not None else guider
     return make
 
@@ -194,17 +190,6 @@ def sweep(world, prompts, configurations: dict, reference=None) -> tuple[dict, o
     return table, reference
 
 
-def exit_name(prefix: str, threshold: float, start_percent: float) -> str:
-    """Configuration name of an exit setting: ``exit_0.8``, or ``exit_0.8_from0.3`` with a ``start_percent``."""
-    return f"{prefix}_{threshold}" + (f"_from{start_percent}" if start_percent else "")
-
-
-def exit_setting(name: str) -> tuple[float, float]:
-    """(threshold, start_percent) of a name from ``exit_name``."""
-    threshold, _, start = name.removeprefix("ag_").removeprefix("exit_").partition("_from")
-    return float(threshold), float(start or 0.0)
-
-
 def choose(dev: dict, candidates: list[str], target: dict) -> str:
     """The candidate saving the most blocks on dev with its pass rate within the tolerance of the reference's;
     the most saving candidate if none is within it."""
@@ -268,7 +253,7 @@ def _last(outputs):
 
 
 def interleaved_timing(world, heads, prompt: str, threshold: float, cache: float, ag_exit: float,
-                       rounds: int, start_percent: float = 0.0) -> dict:
+                       rounds: int) -> dict:
     """Wall time of full / DeeDiff / First-Block-Cache / AG + DeeDiff sampling one prompt in turn, ``rounds`` times
     (load drift on a shared machine hits all alike): per configuration the per-round ratios to the full model,
     their mean with its standard error, their median, and the block-row ratio of the same runs."""
@@ -278,9 +263,8 @@ def interleaved_timing(world, heads, prompt: str, threshold: float, cache: float
     from guidance_kit.nodes.toyworld import ToyWorldEmptyLatent
     from harness.sampling import sample_guider
 
-    configurations = {"full": runner.cfg(CFG_SCALE), "exit": exit_config(heads, threshold, start_percent=start_percent),
-                      "cache": cache_config(cache),
-                      "ag_exit": exit_config(heads, ag_exit, AG_THRESHOLD, start_percent=start_percent)}
+    configurations = {"full": runner.cfg(CFG_SCALE), "exit": exit_config(heads, threshold),
+                      "cache": cache_config(cache), "ag_exit": exit_config(heads, ag_exit, AG_THRESHOLD)}
     seconds = {name: [] for name in configurations}
     blocks = {name: 0 for name in configurations}
     for round_ in range(rounds):
@@ -331,8 +315,6 @@ def main() -> None:
     parser.add_argument("--thresholds", type=float, nargs="+", default=THRESHOLDS, help="DeeDiff sweep on dev")
     parser.add_argument("--cache-thresholds", type=float, nargs="+", default=CACHE_THRESHOLDS)
     parser.add_argument("--ag-exit-thresholds", type=float, nargs="+", default=AG_EXIT_THRESHOLDS)
-    parser.add_argument("--start-percents", type=float, nargs="+", default=[0.0],
-                        help="DeeDiff start_percent values swept with every threshold (--quick: the first)")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="--quick / --timing")
     parser.add_argument("--cache-threshold", type=float, default=QUICK_CACHE_THRESHOLDS[0], help="--timing")
     parser.add_argument("--ag-exit-threshold", type=float, default=DEFAULT_AG_EXIT_THRESHOLD, help="--quick/--timing")
@@ -349,34 +331,29 @@ def main() -> None:
         return
     if args.timing:
         runner.emit(interleaved_timing(world, heads, runner.prompt_set("validation", False)[0][0], args.threshold,
-                                       args.cache_threshold, args.ag_exit_threshold, args.rounds,
-                                       args.start_percents[0]))
+                                       args.cache_threshold, args.ag_exit_threshold, args.rounds))
         return
     out = {"cfg_scale": CFG_SCALE, "steps": STEPS, "seeds": SEEDS, "blocks_per_row": BLOCKS,
            "ag_threshold": AG_THRESHOLD, "every_nth_prompt": every, "heads": str(args.heads or DEEDIFF_JOINT.name),
            "adapters": heads.adapters is not None}
     if args.quick:
         threshold, ag_exit = args.threshold, args.ag_exit_threshold
-        start = ag_start = args.start_percents[0]
     else:
         configurations = {"full": runner.cfg(CFG_SCALE)}
-        exits = {exit_name("exit", t, s): exit_config(heads, t, start_percent=s)
-                 for t in args.thresholds for s in args.start_percents}
-        ag_exits = {exit_name("ag_exit", t, s): exit_config(heads, t, AG_THRESHOLD, start_percent=s)
-                    for t in args.ag_exit_thresholds for s in args.start_percents}
-        configurations |= exits | {f"cache_{t}": cache_config(t) for t in args.cache_thresholds} | ag_exits
+        configurations |= {f"exit_{t}": exit_config(heads, t) for t in args.thresholds}
+        configurations |= {f"cache_{t}": cache_config(t) for t in args.cache_thresholds}
+        configurations |= {f"ag_exit_{t}": exit_config(heads, t, AG_THRESHOLD) for t in args.ag_exit_thresholds}
         dev, _ = sweep(world, runner.prompt_set("dev", False)[::every], configurations)
         out["dev"] = dev
-        chosen = choose(dev, list(exits), TARGET)
-        threshold, start = exit_setting(chosen)
-        ag_exit, ag_start = exit_setting(choose(dev, list(ag_exits), AG_TARGET))
-        exit_blocks = dev[chosen]["blocks"]
+        threshold = float(choose(dev, [f"exit_{t}" for t in args.thresholds], TARGET).removeprefix("exit_"))
+        ag_exit = float(choose(dev, [f"ag_exit_{t}" for t in args.ag_exit_thresholds], AG_TARGET
+                               ).removeprefix("ag_exit_"))
+        exit_blocks = dev[f"exit_{threshold}"]["blocks"]
         cache = min(args.cache_thresholds, key=lambda t: abs(dev[f"cache_{t}"]["blocks"] - exit_blocks))
     depth = DepthByStep()
     prompts = runner.prompt_set("validation", False)[::every]
-    configurations = {"full": runner.cfg(CFG_SCALE),
-                      "exit": exit_config(heads, threshold, depth=depth, start_percent=start),
-                      "ag_exit": exit_config(heads, ag_exit, AG_THRESHOLD, start_percent=ag_start)}
+    configurations = {"full": runner.cfg(CFG_SCALE), "exit": exit_config(heads, threshold, depth=depth),
+                      "ag_exit": exit_config(heads, ag_exit, AG_THRESHOLD)}
     if heads.adapters is not None:  # the adapted full model: threshold 1.0, no row exits
         configurations["adapted"] = exit_config(heads, 1.0)
     if args.quick:
@@ -391,8 +368,7 @@ def main() -> None:
     out["validation"] = validation
     full, exit_, peer, ag_exit_figures = (validation[k] for k in ("full", "exit", "cache", "ag_exit"))
     out.update(
-        exit_threshold=threshold, exit_start_percent=start, cache_threshold=cache, ag_exit_threshold=ag_exit,
-        ag_exit_start_percent=ag_start,
+        exit_threshold=threshold, cache_threshold=cache, ag_exit_threshold=ag_exit,
         full_blocks=full["blocks"], full_pass=full["pass"], full_seconds=full["seconds"],
         exit_blocks=exit_["blocks"], exit_pass=exit_["pass"], exit_blocks_saved=exit_["blocks_saved"],
         exit_pass_delta=exit_["pass_delta"], exit_pass_delta_se=exit_["pass_delta_se"],

@@ -202,16 +202,11 @@ def load_heads(path, where: str) -> TrainedHeads:
 # ---------------------------------------------------------------- exits while sampling
 
 class DeeDiffRun:
-    """Per-run state: the heads on the sampling device, the sigma from which rows may exit, and whether the run's
-    first exit has been marked."""
+    """Per-run state: the heads on the sampling device, and whether the run's first exit has been marked."""
 
-    def __init__(self, heads: deediff.UncertaintyHeads, threshold: float, start_sigma: float):
-        self.heads, self.threshold, self.start_sigma = heads, threshold, start_sigma
+    def __init__(self, heads: deediff.UncertaintyHeads, threshold: float):
+        self.heads, self.threshold = heads, threshold
         self.exited = False
-
-    def threshold_at(self, sigma: torch.Tensor) -> float:
-        """The exit threshold of a model call at ``sigma``: none exits before ``start_percent`` of sampling."""
-        return self.threshold if float(sigma.max()) <= self.start_sigma else math.inf
 
     def heads_on(self, device) -> deediff.UncertaintyHeads:
         if next(self.heads.parameters()).device != torch.device(device):
@@ -224,14 +219,12 @@ class DeeDiffTechnique(Technique):
     node = PATCH_NODE
     needs_uncond = False
 
-    def __init__(self, trained: TrainedHeads, arch: Architecture, threshold: float, start_percent: float = 0.0):
-        self.trained, self.arch, self.threshold, self.start_percent = trained, arch, threshold, start_percent
+    def __init__(self, trained: TrainedHeads, arch: Architecture, threshold: float):
+        self.trained, self.arch, self.threshold = trained, arch, threshold
         self.weight_patches = adapter_patches(trained.adapters) if trained.adapters is not None else {}
 
     def start_run(self, guider, sigmas, sampler):
-        model_sampling = guider.model_patcher.get_model_object("model_sampling")
-        start_sigma = float(model_sampling.percent_to_sigma(self.start_percent))
-        return DeeDiffRun(self.trained.heads, self.threshold, start_sigma)
+        return DeeDiffRun(self.trained.heads, self.threshold)
 
     def _block_patches(self, patched) -> dict:
         return patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
@@ -314,7 +307,7 @@ def _exits_per_call(arch: Architecture, key: str, forward_key: str):
         if state is None:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         exits = deediff.ForwardExits(x.shape[0], arch.image_tokens(x), arch.blocks, device=x.device)
-        options = {**transformer_options, forward_key: (exits, state.heads_on(x.device), state.threshold_at(t))}
+        options = {**transformer_options, forward_key: (exits, state.heads_on(x.device), state.threshold)}
         out = executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
         run = current_run({"transformer_options": transformer_options})
         if run is not None and run.current is not None:
@@ -331,14 +324,12 @@ def _exits_per_call(arch: Architecture, key: str, forward_key: str):
     return wrapper
 
 
-def patch_deediff(model, trained: TrainedHeads, threshold: float, node_id=None, start_percent: float = 0.0):
-    """Clone ``model`` with DeeDiff's early exits from ``start_percent`` of sampling on (checks the heads against
-    the model first)."""
+def patch_deediff(model, trained: TrainedHeads, threshold: float, node_id=None):
+    """Clone ``model`` with DeeDiff's early exits (checks the heads against the model first)."""
     threshold = check_number(PATCH_NODE, "threshold", threshold, 0.0, 1.0)
-    start_percent = check_number(PATCH_NODE, "start_percent", start_percent, 0.0, 1.0)
     arch = architecture(model, PATCH_NODE)
     trained.check(model, arch, PATCH_NODE)
-    return install(model, DeeDiffTechnique(trained, arch, threshold, start_percent), node_id)
+    return install(model, DeeDiffTechnique(trained, arch, threshold), node_id)
 
 
 # ---------------------------------------------------------------- data-free training
@@ -842,18 +833,14 @@ class DeeDiffModelPatch(io.ComfyNode):
                     DeeDiffHeads.Input("heads", tooltip="From DeeDiff Train Heads or DeeDiff Load Heads."),
                     io.Float.Input("threshold", default=0.9, min=0.0, max=1.0, step=0.001, round=0.0001,
                                    tooltip="Confidence (1 - mean predicted uncertainty) at which a row exits. "
-                                           "1.0 = never (the full model); lower exits earlier."),
-                    io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
-                                   tooltip="Rows may exit from this fraction of sampling on; before it every model "
-                                           "call runs in full. 0 = from the first step (the paper's rule). The "
-                                           "image's layout is set in the first, high-noise steps (docs/deediff.md).")],
+                                           "1.0 = never (the full model); lower exits earlier.")],
             outputs=[io.Model.Output()],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, model, heads, threshold, start_percent=0.0) -> io.NodeOutput:
-        return io.NodeOutput(patch_deediff(model, heads, threshold, node_id_of(cls), start_percent))
+    def execute(cls, model, heads, threshold) -> io.NodeOutput:
+        return io.NodeOutput(patch_deediff(model, heads, threshold, node_id_of(cls)))
 
 
 NODES = [DeeDiffTrain, DeeDiffLoad, DeeDiffModelPatch]

@@ -128,22 +128,6 @@ def test_rows_exit_on_their_own_and_skip_the_remaining_blocks(toy, toy_heads):
     assert [label for _, label in run.events][0].startswith("first early exit") and len(run.events) == 1
 
 
-def test_no_row_exits_before_start_percent(toy, toy_heads):
-    from guidance_kit.nodes.deediff import patch_deediff
-
-    model, clip = toy.model, toy.clip
-    reference = toy_sample(model, clip)[0]
-    never = toy_sample(patch_deediff(model, toy_heads[0], 0.0, start_percent=1.0), clip)[0]
-    assert torch.equal(never, reference)  # percent 1.0 is sigma 0: no model call is late enough
-    guider = toy_sample(patch_deediff(model, toy_heads[0], 0.0, start_percent=0.5), clip)[2]
-    run = last_run(guider)
-    sigmas = [e.sigma for e in run.evaluations]
-    boundary = model.get_model_object("model_sampling").percent_to_sigma(0.5)
-    depths = [set(e.signals["exit_depth"]) for e in run.evaluations]
-    assert [d == {8} for d in depths] == [s > boundary for s in sigmas]  # full depth before, block 1 after
-    assert {1} in depths and {8} in depths
-
-
 def test_another_block_patch_stays_chained(toy, toy_heads):
     from guidance_kit.nodes.deediff import patch_deediff
 
