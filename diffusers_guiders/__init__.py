@@ -15,6 +15,7 @@ from packaging.version import Version
 from .adaptive_guidance import AdaptiveGuidance
 from .autoguidance import Autoguidance
 from .composable import ComposableGuidance
+from .latents import StepSample, show_latents
 from .linear_ag import LinearAG, calibrate_linear_ag
 
 TESTED_DIFFUSERS = (Version("0.42.0"), Version("0.43.0"))  # [low, high): pyproject.toml's `diffusers` extra
@@ -25,4 +26,4 @@ if not TESTED_DIFFUSERS[0] <= Version(diffusers.__version__) < TESTED_DIFFUSERS[
         "experimental and may have changed)", *TESTED_DIFFUSERS, diffusers.__version__)
 
 __all__ = ["AdaptiveGuidance", "Autoguidance", "ComposableGuidance", "LinearAG", "calibrate_linear_ag",
-           "TESTED_DIFFUSERS"]
+           "StepSample", "show_latents", "TESTED_DIFFUSERS"]
