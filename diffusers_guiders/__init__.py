@@ -15,6 +15,7 @@ from packaging.version import Version
 from .adaptive_guidance import AdaptiveGuidance
 from .autoguidance import Autoguidance
 from .composable import ComposableGuidance
+from .gfcg import GFCG
 from .latents import StepSample, show_latents
 from .linear_ag import LinearAG, calibrate_linear_ag
 
@@ -25,5 +26,5 @@ if not TESTED_DIFFUSERS[0] <= Version(diffusers.__version__) < TESTED_DIFFUSERS[
         "Guidance Kit's diffusers guiders are tested with diffusers >=%s,<%s; found %s (the guider API is "
         "experimental and may have changed)", *TESTED_DIFFUSERS, diffusers.__version__)
 
-__all__ = ["AdaptiveGuidance", "Autoguidance", "ComposableGuidance", "LinearAG", "calibrate_linear_ag",
+__all__ = ["AdaptiveGuidance", "Autoguidance", "ComposableGuidance", "GFCG", "LinearAG", "calibrate_linear_ag",
            "StepSample", "show_latents", "TESTED_DIFFUSERS"]
