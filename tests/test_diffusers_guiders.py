@@ -13,8 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from diffusers.guiders import ClassifierFreeGuidance  # noqa: E402
 
 from guidance_kit.diffusers_guiders import (  # noqa: E402
-    AdaptiveGuidance,
     GFCG,
+    AdaptiveGuidance,
     Autoguidance,
     ComposableGuidance,
     LinearAG,
