@@ -21,7 +21,8 @@ class GFCG(SeesLatents, FreshEachRun, ClassifierFreeGuidance):
     for a batch with any w > 0 a third pass evaluates each sample under its reference conditioning (the prompt
     with the target's phrase replaced by r's), and the output is CFG + w·(p(c) − p(c_ref)).  That sum is linear,
     so it is the nodes' formula on x̂₀ as on the raw output.  Needs each step's latent and σ: build the pipeline
-    with ``show_latents``.
+    with ``show_latents``.  ``reading_log`` lists each classifier reading of the current run (step, w per
+    sample, the (head, class) of each sample's reference pass or None).
 
     Args:
         classifier (`Callable[[torch.Tensor], dict[str, torch.Tensor]]`): clean estimates (the pipeline's
@@ -100,9 +101,11 @@ class GFCG(SeesLatents, FreshEachRun, ClassifierFreeGuidance):
         probabilities = self.classifier(previous)
         reference = gfcg.choose_reference(probabilities, self.targets, self.max_scale, self.confidence)
         self._schedule.last = reference
+        heads = list(self.targets)
         self.reading_log.append({"step": self._step, "scale": reference.scale.tolist(),
-                                 "reference": [(list(self.targets)[h], int(k))
-                                               for h, k in zip(reference.head, reference.index)]})
+                                 "reference": [(heads[h], int(k)) if active else None
+                                               for h, k, active in zip(reference.head, reference.index,
+                                                                       reference.active)]})
         return reference
 
     def _references_evaluated(self) -> bool:

@@ -421,9 +421,10 @@ def test_gfcg_reads_the_previous_clean_estimate_and_guides_from_the_reference():
     assert torch.allclose(out, gfcg.guide(cfg1, c1, r1, reference.scale))
     assert torch.equal(out[1], cfg1[1])
     assert guider.reading_log == [{"step": 1, "scale": reference.scale.tolist(),
-                                   "reference": [("colour", 1), ("colour", 0)]}]
+                                   "reference": [("colour", 1), None]}]
+    guider.observe_sample(StepSample(x0, 3.0, "epsilon"))
     step(guider, 0)  # a new run
-    assert guider.reading_log == [] and guider._previous_denoised is None
+    assert guider.reading_log == [] and guider._previous_denoised is None and guider.num_conditions == 2
 
 
 def test_gfcg_reference_pass_carries_each_active_samples_reference_prompt():
