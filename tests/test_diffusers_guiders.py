@@ -20,8 +20,9 @@ from guidance_kit.diffusers_guiders import (  # noqa: E402
     LinearAG,
     StepSample,
     calibrate_linear_ag,
+    show_latents,
 )
-from guidance_kit.diffusers_guiders.latents import SeesLatents  # noqa: E402
+from guidance_kit.diffusers_guiders.latents import SeesLatents, prediction_type, sigma_at  # noqa: E402
 from guidance_kit.samplers import adaptive_guidance as ag  # noqa: E402
 from guidance_kit.samplers import gfcg  # noqa: E402
 from guidance_kit.samplers import linear_ag as lag  # noqa: E402
@@ -534,3 +535,27 @@ def test_guiders_guide_only_inside_their_start_stop_window():
         step(autoguidance, index)
         assert (composable.num_conditions, autoguidance.num_conditions) == \
             (composable_conditions, autoguidance_conditions)
+
+
+# show_latents
+
+def test_show_latents_leaves_other_guiders_alone(shown_pipe, inputs, cfg_run):
+    latents, calls = run(shown_pipe, ClassifierFreeGuidance(guidance_scale=SCALE), inputs)
+    assert calls == 2 * STEPS and torch.equal(latents, cfg_run[0])
+    with pytest.raises(ValueError, match="show_latents: .* has no denoise loop"):
+        show_latents(ClassifierFreeGuidance())
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_step_sample_clean_estimate_is_the_schedulers(prediction):
+    from diffusers import EulerDiscreteScheduler
+
+    scheduler = EulerDiscreteScheduler(prediction_type=prediction)
+    scheduler.set_timesteps(10)
+    x, output = torch.randn(2, 1, 4, 8, 8).unbind(0)
+    t = scheduler.timesteps[3]
+    scheduler.scale_model_input(x, t)  # sets the step index, as the loop's before-denoiser step does
+    sample = StepSample(x, sigma_at(scheduler, t), prediction_type(scheduler))
+    expected = scheduler.step(output, t, x).pred_original_sample
+    assert torch.allclose(sample.denoised(output), expected, atol=1e-5)
+    assert torch.allclose(sample.output(sample.denoised(output)), output, atol=1e-4)
