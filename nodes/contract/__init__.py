@@ -11,6 +11,7 @@ Technique modules import from here (and shared types such as ``nodes.classifier`
 * ``model_files``: the pack's model folders, shipped artifacts (never shadowed) and the one file-name policy;
 * ``training_guard``: memory estimates checked before training, interrupts, progress;
 * ``stats``: the run statistics every installation reports through.
+* ``toy_worlds``: what the two toy worlds' loader modules share (their Empty Latent node, CLIP model base).
 """
 from . import model_files
 from .checks import check_number, check_numeric_inputs, check_sampling_inputs
