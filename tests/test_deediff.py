@@ -44,16 +44,24 @@ class BlockRows:
             handle.remove()
 
 
-def quick_heads(model, clip, prompts, latent, *, steps=40, seed=0):
-    """Heads trained a few steps on a few recorded runs (the training code of the Train node)."""
+def recorded_runs(model, clip, prompts, latent, seed):
+    """What the Train node records: the model inputs of sampling ``prompts`` against the empty negative (STEPS
+    euler/simple steps at CFG), with the model's block architecture."""
     from guidance_kit.nodes import deediff as adapter
     from guidance_kit.nodes.contract import encode_prompt
-    from guidance_kit.samplers import training
 
     recording = adapter.record_model_inputs(model, [encode_prompt(clip, p) for p in prompts],
                                             encode_prompt(clip, ""), latent, seed=seed, steps=STEPS, cfg=CFG,
                                             sampler_name="euler", scheduler="simple")
-    arch = adapter.architecture(model, "test")
+    return recording, adapter.architecture(model, "test")
+
+
+def quick_heads(model, clip, prompts, latent, *, steps=40, seed=0):
+    """Heads trained a few steps on a few recorded runs (the training code of the Train node)."""
+    from guidance_kit.nodes import deediff as adapter
+    from guidance_kit.samplers import training
+
+    recording, arch = recorded_runs(model, clip, prompts, latent, seed)
     features = adapter.exit_features(model, arch, recording, 4096)
     settings = training.TrainSettings(steps=steps, batch_size=16, lr=3e-3, seed=seed)
     path = Path(folder_paths.get_temp_directory()) / f"deediff_test_{arch.name}.safetensors"
@@ -70,12 +78,14 @@ def median_confidence(trained, features, exit_index=0) -> float:
     return float(deediff.confidence(u).median())
 
 
+TOY_TRAINING_PROMPTS = ["a large red circle on the left", "a blue square above a mirror"]
+
+
 @pytest.fixture(scope="module")
 def toy_heads(toy):
     from guidance_kit.nodes.toyworld import ToyWorldEmptyLatent
 
-    return quick_heads(toy.model, toy.clip, ["a large red circle on the left", "a blue square above a mirror"],
-                       run_node(ToyWorldEmptyLatent, 2)[0])
+    return quick_heads(toy.model, toy.clip, TOY_TRAINING_PROMPTS, run_node(ToyWorldEmptyLatent, 2)[0])
 
 
 def toy_sample(model, clip, prompt="a small green triangle in the center", batch=3, seed=5):

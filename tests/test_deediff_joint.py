@@ -5,7 +5,16 @@ exits happen, other models are refused, and ``torchrun`` with 2 gloo processes f
 
 import pytest
 import torch
-from test_deediff import CFG, STEPS, WORLD_SIZE_TOLERANCE, sd3_sample, toy_sample, train_on_one_and_two_processes
+from test_deediff import (
+    CFG,
+    STEPS,
+    TOY_TRAINING_PROMPTS,
+    WORLD_SIZE_TOLERANCE,
+    recorded_runs,
+    sd3_sample,
+    toy_sample,
+    train_on_one_and_two_processes,
+)
 
 import comfy.model_management
 import folder_paths
@@ -21,13 +30,9 @@ def quick_joint(model, clip, prompts, latent, name, *, steps=6, seed=0):
     from pathlib import Path
 
     from guidance_kit.nodes import deediff as adapter
-    from guidance_kit.nodes.contract import encode_prompt
     from guidance_kit.samplers import training
 
-    recording = adapter.record_model_inputs(model, [encode_prompt(clip, p) for p in prompts],
-                                            encode_prompt(clip, ""), latent, seed=seed, steps=STEPS, cfg=CFG,
-                                            sampler_name="euler", scheduler="simple")
-    arch = adapter.architecture(model, "test")
+    recording, arch = recorded_runs(model, clip, prompts, latent, seed)
     data = adapter.joint_data(model, arch, recording, 4096)
     settings = training.TrainSettings(steps=steps, batch_size=8, lr=1e-2, seed=seed)
     path = Path(folder_paths.get_temp_directory()) / f"deediff_joint_test_{name}.safetensors"
@@ -40,8 +45,7 @@ def quick_joint(model, clip, prompts, latent, name, *, steps=6, seed=0):
 def toy_joint(toy):
     from guidance_kit.nodes.toyworld import ToyWorldEmptyLatent
 
-    return quick_joint(toy.model, toy.clip, ["a large red circle on the left", "a blue square above a mirror"],
-                       run_node(ToyWorldEmptyLatent, 2)[0], "toy")
+    return quick_joint(toy.model, toy.clip, TOY_TRAINING_PROMPTS, run_node(ToyWorldEmptyLatent, 2)[0], "toy")
 
 
 def test_joint_bundle_round_trips_with_adapters_on_every_block(toy, toy_joint):
