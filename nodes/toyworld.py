@@ -30,7 +30,7 @@ from comfy_api.latest import io
 from ..toyworld import scenes, weights
 from ..toyworld.model import ToyDiT, ToyTextEncoder
 from .contract import model_files
-from .contract.toy_worlds import empty_latent_node
+from .contract.toy_worlds import FrozenTextEncoderModel, empty_latent_node
 
 CATEGORY = "Guidance Kit/toy world"
 FOLDER = "toyworld"
@@ -104,19 +104,8 @@ class ToyTokenizer:
         return {}
 
 
-class ToyTextEncoderModel(torch.nn.Module):
+class ToyTextEncoderModel(FrozenTextEncoderModel):
     """The ``cond_stage_model`` of the toy CLIP: token ids -> [1, 16, 128] context + mean-pooled vector."""
-
-    def __init__(self, text_encoder: ToyTextEncoder, dtype=None, device=None, model_options={}):
-        super().__init__()
-        self.text_encoder = text_encoder
-        self.dtypes = {torch.float32}
-
-    def reset_clip_options(self):
-        pass
-
-    def set_clip_options(self, options):
-        pass
 
     def encode_token_weights(self, token_weight_pairs):
         ids = torch.tensor([[token for token, _ in pairs] for pairs in token_weight_pairs["toy"]])

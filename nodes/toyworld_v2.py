@@ -32,7 +32,7 @@ from ..toyworld.v2 import model as world_model
 from ..toyworld.v2 import scenes
 from ..toyworld.v2 import weights as world_weights
 from .contract import model_files
-from .contract.toy_worlds import empty_latent_node
+from .contract.toy_worlds import FrozenTextEncoderModel, empty_latent_node
 
 CATEGORY = "Guidance Kit/toy world"
 FOLDER = "toyworld_v2"
@@ -118,21 +118,10 @@ class ToyWorldV2Tokenizer:
         return {}
 
 
-class ToyWorldV2TextEncoder(torch.nn.Module, comfy.sd1_clip.ClipTokenWeightEncoder):
+class ToyWorldV2TextEncoder(FrozenTextEncoderModel, comfy.sd1_clip.ClipTokenWeightEncoder):
     """The ``cond_stage_model`` of the v2 CLIP: token ids -> [B, 20, 128] T5 outputs and their mean."""
 
     special_tokens = {"end": scenes.TOKEN_ID[scenes.EOS], "pad": scenes.TOKEN_ID[scenes.PAD]}
-
-    def __init__(self, text_encoder, dtype=None, device=None, model_options={}):  # noqa: B006 (ComfyUI's)
-        super().__init__()
-        self.text_encoder = text_encoder
-        self.dtypes = {torch.float32}
-
-    def reset_clip_options(self):
-        pass
-
-    def set_clip_options(self, options):
-        pass
 
     def encode(self, token_lists):
         ids = torch.tensor(token_lists, device=next(self.text_encoder.parameters()).device)

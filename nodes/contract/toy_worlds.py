@@ -1,11 +1,27 @@
 """What the toy worlds' loader modules (nodes/toyworld.py, nodes/toyworld_v2.py) share: the Empty Latent node
-of a world's latent shape."""
+of a world's latent shape and the base of their CLIP text-encoder models."""
 import torch
 
 import comfy.model_management
 from comfy_api.latest import io
 
 from .checks import check_number
+
+
+class FrozenTextEncoderModel(torch.nn.Module):
+    """Base of the toy worlds' CLIP ``cond_stage_model``: a float32 text encoder that ComfyUI's CLIP options
+    (layer skip and the like) leave as it is."""
+
+    def __init__(self, text_encoder: torch.nn.Module, dtype=None, device=None, model_options={}):
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.dtypes = {torch.float32}
+
+    def reset_clip_options(self):
+        pass
+
+    def set_clip_options(self, options):
+        pass
 
 
 def empty_latent_node(name: str, node_id: str, display_name: str, category: str, tooltip: str,
