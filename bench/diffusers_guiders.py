@@ -13,7 +13,10 @@ its prompts.
   switched, one after).
 * Overhead at the no-op setting: each guider set so that it computes what a stock diffusers guider
   computes (AG at threshold 1, LinearAG with a true unconditional every step, Composable with one concept,
-  each vs ClassifierFreeGuidance; Autoguidance at scale 1 vs ClassifierFreeGuidance at scale 1).  The time
+  each vs ClassifierFreeGuidance; Autoguidance at scale 1 vs ClassifierFreeGuidance at scale 1; GFCG with
+  confidence 0, which reads its classifier every step but never adds a reference pass, vs
+  ClassifierFreeGuidance, both on the pipeline built with ``show_latents``).  GFCG's classifier is a fixed
+  random linear readout of the clean estimate's channel means (3 classes; references: random embeddings).  The time
   spent inside the guider's methods (set_state, prepare_inputs, prepare_models, cleanup_models, forward) is
   timed directly in both runs of a pair; ``overhead_frac`` is the worst guider's extra guider time per step
   over the stock guider's whole step time (mean over the validation prompts), target < 2%.
@@ -87,9 +90,11 @@ def main():
     if args.quick:
         args.prompts, args.steps = 3, 4
 
+    import torch
     from diffusers.guiders import ClassifierFreeGuidance
 
     from guidance_kit.diffusers_guiders import (
+        GFCG,
         AdaptiveGuidance,
         Autoguidance,
         ComposableGuidance,
@@ -100,6 +105,15 @@ def main():
     pipe = td.tiny_sdxl_pipeline(seed=0)
     weak = td.tiny_unet(seed=7, width=16)
     counters = {"unet": td.CallCounter().attach(pipe.unet), "weak": td.CallCounter().attach(weak)}
+    shown = td.tiny_sdxl_pipeline(seed=0, latents_to_guider=True)  # for GFCG, which reads the clean estimate
+    shown_counters = {"unet": td.CallCounter().attach(shown.unet), "weak": counters["weak"]}
+    readout = torch.randn(4, 3, generator=torch.Generator().manual_seed(DEV_SEED))
+    references = {"colour": [None, td.concept_inputs(DEV_SEED + 1), td.concept_inputs(DEV_SEED + 2)]}
+
+    def make_gfcg(confidence):
+        return lambda: GFCG(classifier=lambda latents: {"colour": (latents.mean((2, 3)) @ readout).softmax(-1)},
+                            references=references, targets={"colour": 0}, guidance_scale=SCALE,
+                            confidence=confidence)
     calibration = Path(tempfile.mkdtemp()) / "tiny_sdxl_linear_ag.safetensors"
     dev = [td.prompt_inputs(DEV_SEED + i) for i in range(max(2, args.prompts // 2))]
     calibrate_linear_ag(pipe, dev, calibration, num_inference_steps=args.steps, guidance_scale=SCALE,
@@ -112,6 +126,7 @@ def main():
         "linear_ag": lambda: LinearAG(calibration=str(calibration), guidance_scale=SCALE),
         "composable_and_not": lambda: ComposableGuidance(weights=[SCALE, -2.0], concepts=[concept]),
         "autoguidance": lambda: Autoguidance(weak_model=weak, guidance_scale=2.0),
+        "gfcg": make_gfcg(0.9),
     }
     no_op_pairs = {  # guider at its no-op setting vs the stock guider computing the same thing
         "ag": (lambda: AdaptiveGuidance(guidance_scale=SCALE, threshold=1.0), configurations["cfg"]),
@@ -120,7 +135,12 @@ def main():
         "composable": (lambda: ComposableGuidance(weights=[SCALE]), configurations["cfg"]),
         "autoguidance": (lambda: Autoguidance(weak_model=weak, guidance_scale=1.0),
                          lambda: ClassifierFreeGuidance(guidance_scale=1.0)),
+        "gfcg": (make_gfcg(0.0), configurations["cfg"]),
     }
+    needs_latents = {"gfcg"}
+
+    def on(name):
+        return (shown, shown_counters) if name in needs_latents else (pipe, counters)
 
     validation = [td.prompt_inputs(VALIDATION_SEED + i) for i in range(args.prompts)]
     runs = {name: [] for name in configurations}
@@ -129,16 +149,19 @@ def main():
     wall_overhead = {name: [] for name in no_op_pairs}
     identical = {name: True for name in no_op_pairs}
     td.generate(pipe, validation[0], args.steps)  # warm-up
+    td.generate(shown, validation[0], args.steps)
     for inputs in validation:
         for name, make in configurations.items():
             guider = make()
-            _, record = measure(pipe, guider, inputs, args.steps, counters)
+            target, target_counters = on(name)
+            _, record = measure(target, guider, inputs, args.steps, target_counters)
             runs[name].append(record)
             if name == "ag":
                 log_matches.append(record["calls"] == td.calls_from_switch_log(guider.switch_log, args.steps))
         for name, (make_no_op, make_stock) in no_op_pairs.items():
-            stock_latents, stock = measure(pipe, make_stock(), inputs, args.steps, counters)
-            no_op_latents, no_op = measure(pipe, make_no_op(), inputs, args.steps, counters)
+            target, target_counters = on(name)
+            stock_latents, stock = measure(target, make_stock(), inputs, args.steps, target_counters)
+            no_op_latents, no_op = measure(target, make_no_op(), inputs, args.steps, target_counters)
             identical[name] &= bool((no_op_latents - stock_latents).abs().max() <= 1e-5)
             step_seconds = stock["seconds"] / args.steps
             overhead[name].append((no_op["guider_seconds"] - stock["guider_seconds"]) / args.steps / step_seconds)

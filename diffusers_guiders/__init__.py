@@ -15,6 +15,8 @@ from packaging.version import Version
 from .adaptive_guidance import AdaptiveGuidance
 from .autoguidance import Autoguidance
 from .composable import ComposableGuidance
+from .gfcg import GFCG
+from .latents import StepSample, show_latents
 from .linear_ag import LinearAG, calibrate_linear_ag
 
 TESTED_DIFFUSERS = (Version("0.42.0"), Version("0.43.0"))  # [low, high): pyproject.toml's `diffusers` extra
@@ -24,5 +26,5 @@ if not TESTED_DIFFUSERS[0] <= Version(diffusers.__version__) < TESTED_DIFFUSERS[
         "Guidance Kit's diffusers guiders are tested with diffusers >=%s,<%s; found %s (the guider API is "
         "experimental and may have changed)", *TESTED_DIFFUSERS, diffusers.__version__)
 
-__all__ = ["AdaptiveGuidance", "Autoguidance", "ComposableGuidance", "LinearAG", "calibrate_linear_ag",
-           "TESTED_DIFFUSERS"]
+__all__ = ["AdaptiveGuidance", "Autoguidance", "ComposableGuidance", "GFCG", "LinearAG", "calibrate_linear_ag",
+           "StepSample", "show_latents", "TESTED_DIFFUSERS"]

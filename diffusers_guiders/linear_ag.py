@@ -8,6 +8,7 @@ from diffusers.guiders.guider_utils import GuiderOutput
 
 from ..samplers import linear_ag as lag
 from ..samplers.bundles import fingerprint
+from .latents import SeesLatents
 from .runs import FreshEachRun
 
 logger = logging.getLogger(__name__)
@@ -17,19 +18,24 @@ WHERE = "LinearAG (diffusers)"
 PREDICTION_SPACE = "model_output"
 
 
+SIGMA_RTOL = 1e-4  # as the nodes' check of each evaluation's sigma
+
+
 def load_calibration(path) -> lag.Calibration:
-    """``samplers.linear_ag.Calibration.load`` plus the checks of a diffusers guider: the file was fitted on
-    the model's raw output, and its terms need no latent (a guider is never handed the latents)."""
+    """``samplers.linear_ag.Calibration.load`` plus the checks of a diffusers guider: a file fitted on the raw model
+    output (``calibrate_linear_ag``) has no latent terms (its guider may not be shown the latents)."""
     calibration = lag.Calibration.load(path, WHERE)
-    space = calibration.info.get("prediction_space")
-    if space != PREDICTION_SPACE:
-        raise ValueError(f"{WHERE}: {path} was fitted on {space or 'ComfyUI denoised'} predictions; a diffusers "
-                         "guider sees the model's raw output, where those coefficients do not apply: calibrate "
-                         "this pipeline with calibrate_linear_ag")
     needs_latent = [term for term in calibration.terms if term.endswith("x")]
-    if needs_latent:
-        raise ValueError(f"{WHERE}: {path}: terms {needs_latent} need the latent, which a guider never sees")
+    if not on_denoised(calibration) and needs_latent:
+        raise ValueError(f"{WHERE}: {path}: terms {needs_latent} need the latent, in a calibration of the raw "
+                         "model output")
     return calibration
+
+
+def on_denoised(calibration: lag.Calibration) -> bool:
+    """Whether ``calibration`` was fitted on denoised predictions (the ComfyUI nodes' files) rather than on the
+    model's raw output (``calibrate_linear_ag``'s)."""
+    return calibration.info.get("prediction_space") != PREDICTION_SPACE
 
 
 # The denoiser's text conditioning, as the Modular denoise blocks name it (SDXL; SD3, Flux, Wan, ...).
@@ -39,7 +45,8 @@ TEXT_FIELDS = ("prompt_embeds", "encoder_hidden_states")
 class ReadsNegative:
     """Mixin for a CFG guider: at step 0, ``observe_negative`` gets the fingerprint
     (``linear_ag.conditioning_fingerprint``) of the negative's text conditioning, the unconditional half of
-    the first of ``TEXT_FIELDS`` the pipeline hands the guider (empty when there is none)."""
+    the first of ``TEXT_FIELDS`` the pipeline hands the guider (empty when there is none; its first row when
+    every row of the batch is the same negative)."""
 
     def prepare_inputs(self, data: dict) -> list:
         if self._step == 0:
@@ -54,22 +61,26 @@ class ReadsNegative:
 
     def _read_negative(self, unconditional: dict) -> None:
         text = next((unconditional[name] for name in TEXT_FIELDS if unconditional.get(name) is not None), None)
+        if text is not None and all(torch.equal(text[0], row) for row in text[1:]):
+            text = text[:1]  # one negative for the whole batch, fingerprinted once (as the nodes' conditioning)
         self.observe_negative(lag.conditioning_fingerprint([] if text is None else [text]))
 
     def observe_negative(self, fingerprint: torch.Tensor) -> None:
         raise NotImplementedError
 
 
-class LinearAG(ReadsNegative, FreshEachRun, ClassifierFreeGuidance):
+class LinearAG(SeesLatents, ReadsNegative, FreshEachRun, ClassifierFreeGuidance):
     """CFG whose unconditional is, on most guided steps, regressed from earlier steps of the same trajectory.
 
     [Adaptive Guidance](https://arxiv.org/abs/2312.12487) (Castillo et al., Sec. 5, LinearAG): the first
     ``guided_until`` of the steps are guided, with a true unconditional pass every ``true_every``-th step
     (the anchor) and a regressed one, û = Σ_k w_k·term_k (per channel, fitted offline by least squares),
-    in between; the rest run the conditional alone.  The coefficients come from a calibration file
-    (``calibrate_linear_ag``; the same safetensors format as the ComfyUI nodes', fitted on the raw model
-    output).  A run whose step count, timesteps or negative prompt differ from the calibrated ones warns once
-    and samples with true CFG.
+    in between; the rest run the conditional alone.  The coefficients come from a calibration file in the
+    ComfyUI nodes' format: one written by ``calibrate_linear_ag`` (fitted on the raw model output), or one
+    written by the ComfyUI nodes (fitted on denoised predictions x̂₀; the guider then needs each step's latent
+    and σ, from a pipeline built with ``show_latents``, and regresses on x̂₀ as the nodes do).  A run whose
+    step count, timesteps (sigmas, for a ComfyUI file) or negative prompt differ from the calibrated ones warns
+    once and samples with true CFG.
 
     Args:
         calibration (`str`): path of the calibration file.
@@ -112,9 +123,24 @@ class LinearAG(ReadsNegative, FreshEachRun, ClassifierFreeGuidance):
         info = self._calibration.info
         if self._num_inference_steps != self._calibration.evaluations:
             return f"{self._num_inference_steps} steps, calibrated {self._calibration.evaluations}"
+        if on_denoised(self._calibration):
+            return self._sample_mismatch(self._sample)
         calibrated = info["timesteps"][self._step]
         if abs(float(self._timestep) - calibrated) > 1e-3 * max(1.0, abs(calibrated)):
             return f"step {self._step} at timestep {float(self._timestep):.5g}, calibrated {calibrated:.5g}"
+        return None
+
+    def _sample_mismatch(self, sample) -> str | None:
+        """For a calibration on denoised predictions: this step's sigma and the latent's channels (the nodes'
+        checks); an error, before any model call, when the pipeline shows the guider no latents."""
+        if sample is None:
+            self.take_sample(f"{WHERE} with a ComfyUI calibration")  # raises
+        calibrated = float(self._calibration.evaluation_sigmas[self._step])
+        if abs(sample.sigma - calibrated) > SIGMA_RTOL * abs(calibrated) + 1e-6:
+            return f"step {self._step} at sigma {sample.sigma:.5g}, calibrated {calibrated:.5g}"
+        channels = self._calibration.coefficients.shape[2]
+        if sample.latents.shape[1] != channels:
+            return f"the latent has {sample.latents.shape[1]} channels, calibrated {channels}"
         return None
 
     def _kind(self) -> str:
@@ -130,18 +156,21 @@ class LinearAG(ReadsNegative, FreshEachRun, ClassifierFreeGuidance):
     def forward(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None) -> GuiderOutput:
         if not self._is_cfg_enabled():
             return super().forward(pred_cond, None)
-        current = {"cond": pred_cond}
+        # The regression runs where the calibration was fitted: on x̂₀ for a ComfyUI file, else on the raw output.
+        sample = self.take_sample(WHERE) if on_denoised(self._calibration) and self._problem is None else None
+        space = (lambda output: output) if sample is None else sample.denoised
+        current = {"cond": space(pred_cond), "x": None if sample is None else sample.latents}
         if pred_uncond is not None:
             channels = self._calibration.coefficients.shape[2]
             if self._problem is None and pred_cond.shape[1] != channels:
                 self._problem = f"the model output has {pred_cond.shape[1]} channels, calibrated {channels}"
                 logger.warning(f"{WHERE}: {self._problem}; sampling with true CFG")
-            self._anchor = {"index": self._step, "uncond": pred_uncond, **current}
+            self._anchor = {"index": self._step, "uncond": space(pred_uncond), **current}
             output = super().forward(pred_cond, pred_uncond)
         elif self._kind() == lag.REGRESSED:
             values = lag.term_tensors(self._calibration.terms, current, self._anchor, self._previous)
             regressed = lag.predict_uncond(self._calibration.coefficients[self._anchor["index"], self._step], values)
-            output = super().forward(pred_cond, regressed)
+            output = super().forward(pred_cond, regressed if sample is None else sample.output(regressed))
         else:
             output = GuiderOutput(pred=pred_cond, pred_cond=pred_cond, pred_uncond=None)
         self._previous = current

@@ -22,14 +22,19 @@ def tiny_unet(seed: int, width: int = 32):
         norm_num_groups=8).eval()
 
 
-def tiny_sdxl_pipeline(seed: int = 0, guider=None):
-    """StableDiffusionXLAutoBlocks without its text-encoder step, with a tiny UNet, VAE and Euler scheduler."""
+def tiny_sdxl_pipeline(seed: int = 0, guider=None, latents_to_guider: bool = False):
+    """StableDiffusionXLAutoBlocks without its text-encoder step, with a tiny UNet, VAE and Euler scheduler
+    (``latents_to_guider``: with ``show_latents``' loop block, which hands the guider each step's latents)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler
     from diffusers.guiders import ClassifierFreeGuidance
     from diffusers.modular_pipelines.stable_diffusion_xl import StableDiffusionXLAutoBlocks
 
     blocks = StableDiffusionXLAutoBlocks()
     blocks.sub_blocks.pop("text_encoder")
+    if latents_to_guider:
+        from guidance_kit.diffusers_guiders import show_latents
+
+        show_latents(blocks)
     pipe = blocks.init_pipeline()
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3, latent_channels=4,

@@ -24,15 +24,16 @@ from ..samplers.lina import (
 )
 from .contract import (
     Technique,
+    TwinSpec,
     broadcast_to_batch,
     check_numeric_inputs,
     encode_prompt,
+    guider_and_patch,
     guider_inputs,
     install,
+    installed,
     model_files,
     model_identity,
-    model_input,
-    node_id_of,
     sampler_cfg,
 )
 
@@ -287,13 +288,7 @@ def load_predictor(name: str, model, ablated, node: str) -> InterventionPredicto
     return predictor.eval().requires_grad_(False)
 
 
-def manual_options(with_schedule: bool) -> list:
-    schedule = [
-        io.Float.Input("share", default=0.5, min=0.0, max=1.0, step=0.01, tooltip="Fraction of the steps moved "
-                       "before 'boundary' (the causality-aware schedule; the guider resamples its sigmas)."),
-        io.Float.Input("boundary", default=0.2, min=0.01, max=0.99, step=0.01, tooltip="Where the early phase "
-                       "ends, as the fraction of the way into denoising."),
-    ] if with_schedule else []
+def manual_options() -> list:
     return [
         io.Conditioning.Input("ablated", tooltip="The prompt with its relation words ablated (LINA Relation "
                               "Prompt); the guidance direction is prompt minus this."),
@@ -303,19 +298,30 @@ def manual_options(with_schedule: bool) -> list:
                        tooltip="s_l: adds s_l x M x (D(prompt) - D(uncond)), M the region the relation changes."),
         io.Float.Input("window", default=0.2, min=0.0, max=1.0, step=0.01,
                        tooltip="The terms act in the first 'window' fraction of denoising (model percent); 0: off."),
-        *schedule,
     ]
 
 
-def auto_options(with_schedule: bool) -> list:
-    boundary = [io.Float.Input("boundary", default=0.2, min=0.01, max=0.99, step=0.01,
-                               tooltip="Where the early phase of the predicted schedule share ends.")] \
-        if with_schedule else []
+def schedule_options() -> list:
+    """The manual LINA Guider's schedule: share and boundary of the causality-aware schedule."""
+    return [
+        io.Float.Input("share", default=0.5, min=0.0, max=1.0, step=0.01, tooltip="Fraction of the steps moved "
+                       "before 'boundary' (the causality-aware schedule; the guider resamples its sigmas)."),
+        io.Float.Input("boundary", default=0.2, min=0.01, max=0.99, step=0.01, tooltip="Where the early phase "
+                       "ends, as the fraction of the way into denoising."),
+    ]
+
+
+def auto_options() -> list:
     return [io.Conditioning.Input("ablated", tooltip="The prompt with its relation words ablated (LINA Relation "
                                   "Prompt)."),
             io.Combo.Input("predictor", options=model_files.choices(FOLDER),
-                           tooltip="A LINA predictor (models/lina/) trained for this model and text encoder."),
-            *boundary]
+                           tooltip="A LINA predictor (models/lina/) trained for this model and text encoder.")]
+
+
+def auto_schedule_options() -> list:
+    """The LINA Auto Guider's schedule: the boundary (the share is predicted)."""
+    return [io.Float.Input("boundary", default=0.2, min=0.01, max=0.99, step=0.01,
+                           tooltip="Where the early phase of the predicted schedule share ends.")]
 
 
 def check_ablated(ablated, node: str) -> None:
@@ -324,84 +330,54 @@ def check_ablated(ablated, node: str) -> None:
 
 
 def patch_manual(model, node_id, node, ablated, prompt_strength, latent_strength, window):
+    """A clone of ``model`` with LINA's guidance at the given strengths and window; errors name ``node``."""
     check_ablated(ablated, node)
     parameters = {"prompt_strength": prompt_strength, "latent_strength": latent_strength, "window": window}
     return install(model, LINAGuidance(ablated, node, parameters=parameters), node_id)
 
 
-class LINAGuider(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(node_id="GuidanceKitLINAGuider", display_name=GUIDER_NODE, category=CATEGORY,
-                         description="CFG + targeted prompt guidance + region-restricted latent guidance in the early "
-                                     "window, on the causality-aware schedule of the sigmas it is given. For "
-                                     "SamplerCustomAdvanced.",
-                         inputs=[*guider_inputs(cfg_default=4.0), *manual_options(True)],
-                         outputs=[io.Guider.Output()], hidden=[io.Hidden.unique_id])
-
-    @classmethod
-    def execute(cls, model, positive, negative, cfg, ablated, prompt_strength, latent_strength, window, share,
-                boundary) -> io.NodeOutput:
-        check_numeric_inputs(cls, GUIDER_NODE, locals())
-        patched = patch_manual(model, node_id_of(cls), GUIDER_NODE, ablated, prompt_strength, latent_strength, window)
-        return io.NodeOutput(scheduled_guider(patched, positive, negative, cfg, share, boundary))
-
-
-class LINAModelPatch(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(node_id="GuidanceKitLINAModelPatch", display_name=PATCH_NODE, category=CATEGORY,
-                         description="Targeted prompt and latent guidance (after LINA) for KSampler. A MODEL patch "
-                                     "cannot change the sigmas: use the LINA Guider or the Causality-Aware Schedule "
-                                     "for the schedule.",
-                         inputs=[model_input(), *manual_options(False)], outputs=[io.Model.Output()],
-                         hidden=[io.Hidden.unique_id])
-
-    @classmethod
-    def execute(cls, model, ablated, prompt_strength, latent_strength, window) -> io.NodeOutput:
-        check_numeric_inputs(cls, PATCH_NODE, locals())
-        return io.NodeOutput(patch_manual(model, node_id_of(cls), PATCH_NODE, ablated, prompt_strength,
-                                          latent_strength, window))
-
-
-def patch_auto(model, node_id, node, ablated, predictor_name):
+def patch_auto(model, node_id, node, ablated, predictor):
+    """A clone of ``model`` with LINA's guidance, its parameters predicted by the ``predictor`` file from each
+    positive conditioning; errors name ``node``."""
     check_ablated(ablated, node)
-    predictor = load_predictor(predictor_name, model, ablated, node)
-    return install(model, LINAGuidance(ablated, node, predictor=predictor), node_id), predictor
+    network = load_predictor(predictor, model, ablated, node)
+    return install(model, LINAGuidance(ablated, node, predictor=network), node_id)
 
 
-class LINAAutoGuider(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(node_id="GuidanceKitLINAAutoGuider", display_name=AUTO_GUIDER_NODE, category=CATEGORY,
-                         description="LINA with its parameters (schedule share, strengths, window) predicted from the "
-                                     "positive conditioning by a trained predictor. For SamplerCustomAdvanced.",
-                         inputs=[*guider_inputs(cfg_default=4.0), *auto_options(True)],
-                         outputs=[io.Guider.Output()], hidden=[io.Hidden.unique_id])
-
-    @classmethod
-    def execute(cls, model, positive, negative, cfg, ablated, predictor, boundary) -> io.NodeOutput:
-        check_numeric_inputs(cls, AUTO_GUIDER_NODE, {"cfg": cfg, "boundary": boundary})
-        if not positive:
-            raise ValueError(f"{AUTO_GUIDER_NODE}: 'positive' is empty; the predictor reads its conditioning")
-        patched, network = patch_auto(model, node_id_of(cls), AUTO_GUIDER_NODE, ablated, predictor)
-        with torch.no_grad():
-            share = float(network(conditioning_mean(positive).cpu())["share"].mean())
-        return io.NodeOutput(scheduled_guider(patched, positive, negative, cfg, share, boundary))
+def check_auto_guider(positive, negative, **options) -> None:
+    if not positive:
+        raise ValueError(f"{AUTO_GUIDER_NODE}: 'positive' is empty; the predictor reads its conditioning")
 
 
-class LINAAutoModelPatch(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(node_id="GuidanceKitLINAAutoModelPatch", display_name=AUTO_PATCH_NODE, category=CATEGORY,
-                         description="LINA's guidance with strengths and window predicted from the positive "
-                                     "conditioning (KSampler: the predicted schedule share needs the guider).",
-                         inputs=[model_input(), *auto_options(False)], outputs=[io.Model.Output()],
-                         hidden=[io.Hidden.unique_id])
+def predicted_share_guider(patched, positive, negative, cfg: float, boundary: float):
+    """The scheduled guider with the share its installed predictor gives the positive conditioning."""
+    network = installed(patched, LINAGuidance).predictor
+    with torch.no_grad():
+        share = float(network(conditioning_mean(positive).cpu())["share"].mean())
+    return scheduled_guider(patched, positive, negative, cfg, share, boundary)
 
-    @classmethod
-    def execute(cls, model, ablated, predictor) -> io.NodeOutput:
-        return io.NodeOutput(patch_auto(model, node_id_of(cls), AUTO_PATCH_NODE, ablated, predictor)[0])
 
+LINAGuider, LINAModelPatch = guider_and_patch(TwinSpec(
+    name="LINA", category=CATEGORY, options=manual_options, patch=patch_manual, errors_name_the_node=True,
+    guider_inputs=lambda: guider_inputs(cfg_default=4.0), guider_options=schedule_options, guider=scheduled_guider,
+    guider_id="GuidanceKitLINAGuider", guider_display=GUIDER_NODE,
+    guider_description="CFG + targeted prompt guidance + region-restricted latent guidance in the early window, on "
+                       "the causality-aware schedule of the sigmas it is given. For SamplerCustomAdvanced.",
+    patch_id="GuidanceKitLINAModelPatch", patch_display=PATCH_NODE,
+    patch_description="Targeted prompt and latent guidance (after LINA) for KSampler. A MODEL patch cannot change "
+                      "the sigmas: use the LINA Guider or the Causality-Aware Schedule for the schedule.",
+))
+
+LINAAutoGuider, LINAAutoModelPatch = guider_and_patch(TwinSpec(
+    name="LINAAuto", category=CATEGORY, options=auto_options, patch=patch_auto, errors_name_the_node=True,
+    guider_inputs=lambda: guider_inputs(cfg_default=4.0), guider_options=auto_schedule_options,
+    guider=predicted_share_guider, check_guider=check_auto_guider,
+    guider_id="GuidanceKitLINAAutoGuider", guider_display=AUTO_GUIDER_NODE,
+    guider_description="LINA with its parameters (schedule share, strengths, window) predicted from the positive "
+                       "conditioning by a trained predictor. For SamplerCustomAdvanced.",
+    patch_id="GuidanceKitLINAAutoModelPatch", patch_display=AUTO_PATCH_NODE,
+    patch_description="LINA's guidance with strengths and window predicted from the positive conditioning "
+                      "(KSampler: the predicted schedule share needs the guider).",
+))
 
 NODES = [LINASchedule, LINARelationPrompt, LINAGuider, LINAModelPatch, LINAAutoGuider, LINAAutoModelPatch]

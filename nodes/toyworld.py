@@ -29,7 +29,8 @@ from comfy_api.latest import io
 
 from ..toyworld import scenes, weights
 from ..toyworld.model import ToyDiT, ToyTextEncoder
-from .contract import check_number, model_files
+from .contract import model_files
+from .contract.toy_worlds import FrozenTextEncoderModel, empty_latent_node
 
 CATEGORY = "Guidance Kit/toy world"
 FOLDER = "toyworld"
@@ -103,19 +104,8 @@ class ToyTokenizer:
         return {}
 
 
-class ToyTextEncoderModel(torch.nn.Module):
+class ToyTextEncoderModel(FrozenTextEncoderModel):
     """The ``cond_stage_model`` of the toy CLIP: token ids -> [1, 16, 128] context + mean-pooled vector."""
-
-    def __init__(self, text_encoder: ToyTextEncoder, dtype=None, device=None, model_options={}):
-        super().__init__()
-        self.text_encoder = text_encoder
-        self.dtypes = {torch.float32}
-
-    def reset_clip_options(self):
-        pass
-
-    def set_clip_options(self, options):
-        pass
 
     def encode_token_weights(self, token_weight_pairs):
         ids = torch.tensor([[token for token, _ in pairs] for pairs in token_weight_pairs["toy"]])
@@ -169,24 +159,10 @@ class ToyWorldLoader(io.ComfyNode):
         return io.NodeOutput(model, load_clip(weights.MAIN_WEIGHTS), pixel_space_vae())
 
 
-class ToyWorldEmptyLatent(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="GuidanceKitToyWorldEmptyLatent",
-            display_name="Empty Toy World Latent (Guidance Kit)",
-            category=CATEGORY,
-            inputs=[io.Int.Input("batch_size", default=4, min=1, max=256,
-                                 tooltip="Number of 32x32 images to generate.")],
-            outputs=[io.Latent.Output()],
-        )
-
-    @classmethod
-    def execute(cls, batch_size) -> io.NodeOutput:
-        check_number("Empty Toy World Latent", "batch_size", batch_size, 1, 256)
-        size = scenes.IMAGE_SIZE
-        return io.NodeOutput({"samples": torch.zeros(batch_size, ToyWorldLatentFormat.latent_channels, size, size,
-                                                     device=comfy.model_management.intermediate_device())})
+ToyWorldEmptyLatent = empty_latent_node(
+    "ToyWorldEmptyLatent", "GuidanceKitToyWorldEmptyLatent", "Empty Toy World Latent (Guidance Kit)",
+    CATEGORY, "Number of 32x32 images to generate.",
+    (ToyWorldLatentFormat.latent_channels, scenes.IMAGE_SIZE, scenes.IMAGE_SIZE))
 
 
 NODES = [ToyWorldLoader, ToyWorldEmptyLatent]

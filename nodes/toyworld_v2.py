@@ -31,7 +31,8 @@ from comfy_api.latest import io
 from ..toyworld.v2 import model as world_model
 from ..toyworld.v2 import scenes
 from ..toyworld.v2 import weights as world_weights
-from .contract import check_number, model_files
+from .contract import model_files
+from .contract.toy_worlds import FrozenTextEncoderModel, empty_latent_node
 
 CATEGORY = "Guidance Kit/toy world"
 FOLDER = "toyworld_v2"
@@ -117,21 +118,10 @@ class ToyWorldV2Tokenizer:
         return {}
 
 
-class ToyWorldV2TextEncoder(torch.nn.Module, comfy.sd1_clip.ClipTokenWeightEncoder):
+class ToyWorldV2TextEncoder(FrozenTextEncoderModel, comfy.sd1_clip.ClipTokenWeightEncoder):
     """The ``cond_stage_model`` of the v2 CLIP: token ids -> [B, 20, 128] T5 outputs and their mean."""
 
     special_tokens = {"end": scenes.TOKEN_ID[scenes.EOS], "pad": scenes.TOKEN_ID[scenes.PAD]}
-
-    def __init__(self, text_encoder, dtype=None, device=None, model_options={}):  # noqa: B006 (ComfyUI's)
-        super().__init__()
-        self.text_encoder = text_encoder
-        self.dtypes = {torch.float32}
-
-    def reset_clip_options(self):
-        pass
-
-    def set_clip_options(self, options):
-        pass
 
     def encode(self, token_lists):
         ids = torch.tensor(token_lists, device=next(self.text_encoder.parameters()).device)
@@ -201,24 +191,11 @@ class ToyWorldV2Loader(io.ComfyNode):
         return io.NodeOutput(load_model(Path(path), vae_metadata), clip, vae)
 
 
-class ToyWorldV2EmptyLatent(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="GuidanceKitToyWorldV2EmptyLatent",
-            display_name="Empty Toy World v2 Latent (Guidance Kit)",
-            category=CATEGORY,
-            inputs=[io.Int.Input("batch_size", default=4, min=1, max=256,
-                                 tooltip="Number of 64x64 images to generate (latents of 8x16x16).")],
-            outputs=[io.Latent.Output()],
-        )
-
-    @classmethod
-    def execute(cls, batch_size) -> io.NodeOutput:
-        check_number("Empty Toy World v2 Latent", "batch_size", batch_size, 1, 256)
-        size = scenes.IMAGE_SIZE // world_model.LATENT_DOWNSCALE
-        return io.NodeOutput({"samples": torch.zeros(batch_size, world_model.LATENT_CHANNELS, size, size,
-                                                     device=comfy.model_management.intermediate_device())})
+LATENT_SIZE = scenes.IMAGE_SIZE // world_model.LATENT_DOWNSCALE
+ToyWorldV2EmptyLatent = empty_latent_node(
+    "ToyWorldV2EmptyLatent", "GuidanceKitToyWorldV2EmptyLatent", "Empty Toy World v2 Latent (Guidance Kit)",
+    CATEGORY, "Number of 64x64 images to generate (latents of 8x16x16).",
+    (world_model.LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE))
 
 
 NODES = [ToyWorldV2Loader, ToyWorldV2EmptyLatent]

@@ -19,26 +19,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.append(str(REPO))
 
+from _model_cli import add_model_arguments, load_model, progress_bar, prompt_texts  # noqa: E402
+
 from harness.comfy_host import boot  # noqa: E402
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--toyworld", action="store_true", help="calibrate the pack's toy-world model")
-    model.add_argument("--checkpoint", help="a ComfyUI checkpoint file (model + CLIP)")
-    prompts = parser.add_mutually_exclusive_group(required=True)
-    prompts.add_argument("--prompts", help="text file, one prompt per line")
-    prompts.add_argument("--prompt-set", choices=["dev", "validation"], help="toy-world prompt set")
-    parser.add_argument("--negative", default="", help="the fixed negative prompt")
-    parser.add_argument("--images", type=int, default=2, help="images per prompt (the latent batch)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--cfg", type=float, default=7.0)
-    parser.add_argument("--sampler", default="euler")
-    parser.add_argument("--scheduler", default="normal")
-    parser.add_argument("--width", type=int, default=512, help="image width (ignored for the toy world)")
-    parser.add_argument("--height", type=int, default=512, help="image height (ignored for the toy world)")
+    add_model_arguments(parser, vae=False)
     parser.add_argument("--holdout", type=int, default=0, help="prompts kept out of the fit to measure it")
     parser.add_argument("--out", required=True, help="output .safetensors path")
     return parser.parse_args(argv)
@@ -47,39 +35,20 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     boot()
-    from tqdm import tqdm
-
-    import comfy.sd
-    import comfy.utils
     import nodes
 
     from guidance_kit.nodes import linear_ag
     from guidance_kit.samplers.linear_ag import heldout_errors
 
-    if args.toyworld:
-        from guidance_kit.nodes import toyworld
-        from guidance_kit.toyworld import weights
-
-        model, clip = toyworld.load_model(weights.MAIN_WEIGHTS), toyworld.load_clip(weights.MAIN_WEIGHTS)
-        latent = toyworld.ToyWorldEmptyLatent.execute(args.images)[0]
-    else:
-        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=False, output_clip=True)
-        latent = nodes.EmptyLatentImage().generate(args.width, args.height, args.images)[0]
-    if args.prompts:
-        texts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-    else:
-        from guidance_kit.toyworld import scenes
-
-        prompt_set = scenes.dev_prompts() if args.prompt_set == "dev" else scenes.validation_prompts()
-        texts = [prompt for prompt, _ in prompt_set]
+    model, clip, _, latent = load_model(args, vae=False)
+    texts = prompt_texts(args)
     if args.holdout >= len(texts):
         raise SystemExit(f"--holdout {args.holdout} leaves no prompt to fit ({len(texts)} prompts)")
     encode = lambda text: nodes.CLIPTextEncode().encode(clip, text)[0]  # noqa: E731
     fit_texts, held_texts = texts[:len(texts) - args.holdout], texts[len(texts) - args.holdout:]
     negative = encode(args.negative)
 
-    bar = tqdm(total=len(fit_texts) * args.steps, desc="LinearAG calibration")
-    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: bar.update(value - bar.n))
+    bar = progress_bar(len(fit_texts) * args.steps, "LinearAG calibration")
     calibration = linear_ag.calibrate(model, [encode(t) for t in fit_texts], negative, latent, seed=args.seed,
                                       steps=args.steps, cfg=args.cfg, sampler_name=args.sampler,
                                       scheduler=args.scheduler, negative_prompt=args.negative)

@@ -3,9 +3,10 @@
     python scripts/toy_diffusers_guiders.py [--prompts 8] [--steps 20]
 
 The toy DiT (pixel space, rectified flow, its own text encoder) has no Modular pipeline, so this script
-drives the guiders with the loop a Modular denoise block runs (``denoise``: ``set_state``,
-``prepare_inputs``, ``prepare_models`` / a model call / ``cleanup_models`` per condition, then the guider's
-combine), with the toy world's Euler steps, one prompt per call.  Per guider it prints the model calls per
+drives the guiders with the loop a Modular denoise block runs (``denoise``: ``observe_sample`` as
+``show_latents``' loop block does, ``set_state``, ``prepare_inputs``, ``prepare_models`` / a model call /
+``cleanup_models`` per condition, then the guider's combine), with the toy world's Euler steps, one prompt
+per call.  Per guider it prints the model calls per
 step and image (main and weak model) and the oracle's pass rate on the first dev prompts: an example run,
 not a benchmark (bench/ holds those).
 """
@@ -28,11 +29,16 @@ sys.path.insert(0, str(comfyui_dir() / "custom_nodes"))  # the pack as ``guidanc
 
 @torch.no_grad()
 def denoise(guider, dit, cond: torch.Tensor, uncond: torch.Tensor, steps: int, seed: int) -> torch.Tensor:
-    """Final samples [B, 3, 32, 32] of Euler steps on sigmas linspace(1, 0), the velocity from ``guider``."""
+    """Final samples [B, 3, 32, 32] of Euler steps on sigmas linspace(1, 0), the velocity from ``guider`` (shown each
+    step's latent and sigma first, as ``show_latents``' loop block does, when it takes them)."""
+    from guidance_kit.diffusers_guiders import StepSample
+
     size = dit.config["image_size"]
     x = torch.randn(len(cond), dit.config["in_channels"], size, size, generator=torch.Generator().manual_seed(seed))
     for i, (sigma, sigma_next) in enumerate(itertools.pairwise(torch.linspace(1.0, 0.0, steps + 1))):
         timesteps = torch.full((len(cond),), float(sigma) * 1000)
+        if hasattr(guider, "observe_sample"):
+            guider.observe_sample(StepSample(x, float(sigma), "flow"))
         guider.set_state(step=i, num_inference_steps=steps, timestep=timesteps[0])
         batches = guider.prepare_inputs({"prompt_embeds": (cond, uncond)})
         for batch in batches:

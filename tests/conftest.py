@@ -31,6 +31,7 @@ settings.register_profile("thorough", max_examples=200, **HYPOTHESIS_COMMON)
 settings.load_profile(os.environ.get("GUIDANCE_KIT_HYPOTHESIS", "ci"))
 
 COMFY_DIR = comfy_host.boot()  # before test modules are collected: they import comfy.*
+import folder_paths  # noqa: E402
 import nodes  # noqa: E402  (ComfyUI's own nodes module)
 
 TEST_NODES = REPO / "tests" / "comfy_test_nodes"
@@ -120,3 +121,16 @@ def tiny(request, comfy_dir):
 @pytest.fixture(scope="session")
 def tiny_eps(comfy_dir):
     return tiny_models.build("sd15_eps")
+
+
+@pytest.fixture(scope="module")
+def sd3(comfy_dir):
+    """A tiny random-weight SD3 MMDiT, built afresh for each test module that uses it."""
+    return tiny_models.build("sd3_flow")
+
+
+@pytest.fixture
+def deediff_folder(tmp_path, monkeypatch):
+    """An empty models/deediff/ folder for one test (where the DeeDiff nodes write and read their bundles)."""
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "deediff", ([str(tmp_path)], {".safetensors"}))
+    return tmp_path

@@ -44,16 +44,24 @@ class BlockRows:
             handle.remove()
 
 
-def quick_heads(model, clip, prompts, latent, *, steps=40, seed=0):
-    """Heads trained a few steps on a few recorded runs (the training code of the Train node)."""
+def recorded_runs(model, clip, prompts, latent, seed):
+    """What the Train node records: the model inputs of sampling ``prompts`` against the empty negative (STEPS
+    euler/simple steps at CFG), with the model's block architecture."""
     from guidance_kit.nodes import deediff as adapter
     from guidance_kit.nodes.contract import encode_prompt
-    from guidance_kit.samplers import training
 
     recording = adapter.record_model_inputs(model, [encode_prompt(clip, p) for p in prompts],
                                             encode_prompt(clip, ""), latent, seed=seed, steps=STEPS, cfg=CFG,
                                             sampler_name="euler", scheduler="simple")
-    arch = adapter.architecture(model, "test")
+    return recording, adapter.architecture(model, "test")
+
+
+def quick_heads(model, clip, prompts, latent, *, steps=40, seed=0):
+    """Heads trained a few steps on a few recorded runs (the training code of the Train node)."""
+    from guidance_kit.nodes import deediff as adapter
+    from guidance_kit.samplers import training
+
+    recording, arch = recorded_runs(model, clip, prompts, latent, seed)
     features = adapter.exit_features(model, arch, recording, 4096)
     settings = training.TrainSettings(steps=steps, batch_size=16, lr=3e-3, seed=seed)
     path = Path(folder_paths.get_temp_directory()) / f"deediff_test_{arch.name}.safetensors"
@@ -70,12 +78,14 @@ def median_confidence(trained, features, exit_index=0) -> float:
     return float(deediff.confidence(u).median())
 
 
+TOY_TRAINING_PROMPTS = ["a large red circle on the left", "a blue square above a mirror"]
+
+
 @pytest.fixture(scope="module")
 def toy_heads(toy):
     from guidance_kit.nodes.toyworld import ToyWorldEmptyLatent
 
-    return quick_heads(toy.model, toy.clip, ["a large red circle on the left", "a blue square above a mirror"],
-                       run_node(ToyWorldEmptyLatent, 2)[0])
+    return quick_heads(toy.model, toy.clip, TOY_TRAINING_PROMPTS, run_node(ToyWorldEmptyLatent, 2)[0])
 
 
 def toy_sample(model, clip, prompt="a small green triangle in the center", batch=3, seed=5):
@@ -202,16 +212,18 @@ def test_heads_bundle_checks(tmp_path):
         load_heads(tmp_path / "junk.safetensors", "DeeDiff Load Heads 'heads'")
 
 
-@pytest.fixture(scope="module")
-def sd3():
-    return tiny_models.build("sd3_flow")
+def sd3_sample(sd3, model):
+    """Samples of the tiny SD3 fixture's prompts through ``model`` and the rows through each of its joint blocks."""
+    guider = cfg_guider(model, sd3.positive, sd3.negative, CFG)
+    with BlockRows(sd3.patcher.model.diffusion_model.joint_blocks) as counter:
+        samples = sample_guider(guider, sd3.empty_latent(2), steps=STEPS, scheduler="simple", seed=3)
+    return samples, counter.rows
 
 
-def test_sd3_mmdit_trains_through_the_node_and_exits_double_blocks(sd3, tmp_path_factory, monkeypatch):
+def test_sd3_mmdit_trains_through_the_node_and_exits_double_blocks(sd3, deediff_folder, monkeypatch):
     from guidance_kit.nodes import deediff as adapter
 
-    folder = tmp_path_factory.mktemp("deediff")
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "deediff", ([str(folder)], {".safetensors"}))
+    folder = deediff_folder
     ticks = []
     monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None: ticks.append(
         (value, total)))
@@ -225,16 +237,10 @@ def test_sd3_mmdit_trains_through_the_node_and_exits_double_blocks(sd3, tmp_path
     assert trained.identity["architecture"] == "sd3_mmdit" and trained.identity["blocks"] == 2
     assert trained.metadata["settings"]["steps"] == 30 and trained.identity["data"]["prompts"] == 2
 
-    def sample(model):
-        guider = cfg_guider(model, sd3.positive, sd3.negative, CFG)
-        with BlockRows(sd3.patcher.model.diffusion_model.joint_blocks) as counter:
-            samples = sample_guider(guider, sd3.empty_latent(2), steps=STEPS, scheduler="simple", seed=3)
-        return samples, counter.rows
-
-    reference, full_rows = sample(sd3.patcher)
-    unchanged, rows = sample(run_node(adapter.DeeDiffModelPatch, sd3.patcher, trained, 1.0)[0])
+    reference, full_rows = sd3_sample(sd3, sd3.patcher)
+    unchanged, rows = sd3_sample(sd3, run_node(adapter.DeeDiffModelPatch, sd3.patcher, trained, 1.0)[0])
     assert torch.equal(unchanged, reference) and rows == full_rows
-    _, rows = sample(run_node(adapter.DeeDiffModelPatch, sd3.patcher, trained, 0.0)[0])
+    _, rows = sd3_sample(sd3, run_node(adapter.DeeDiffModelPatch, sd3.patcher, trained, 0.0)[0])
     assert rows == [full_rows[0], 0]  # every row leaves after the first double block
     with pytest.raises(ValueError, match=r"'heads' were trained for another model \(architecture"):
         adapter.patch_deediff(sd3.patcher, trained.__class__(trained.heads, {**trained.identity, "architecture":
@@ -253,11 +259,10 @@ def free_port() -> int:
 WORLD_SIZE_TOLERANCE = 1e-5
 
 
-def test_training_under_torchrun_matches_one_process(tmp_path):
+def train_on_one_and_two_processes(tmp_path, options: list[str]) -> tuple[dict, dict]:
+    """The tensors scripts/train_deediff.py writes with ``options`` on one process and under torchrun on two."""
     from safetensors.torch import load_file
 
-    options = ["--cpu", "--max-prompts", "2", "--images-per-prompt", "2", "--sample-steps", "3", "--rows", "24",
-               "--steps", "8", "--batch-size", "8"]
     script = str(REPO / "scripts" / "train_deediff.py")
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
@@ -266,7 +271,13 @@ def test_training_under_torchrun_matches_one_process(tmp_path):
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                     "127.0.0.1", "--master_port", str(free_port()), script, str(two), *options], check=True,
                    env=environment, timeout=600, capture_output=True)
-    a, b = load_file(one), load_file(two)
+    return load_file(one), load_file(two)
+
+
+def test_training_under_torchrun_matches_one_process(tmp_path):
+    a, b = train_on_one_and_two_processes(tmp_path, ["--cpu", "--max-prompts", "2", "--images-per-prompt", "2",
+                                                     "--sample-steps", "3", "--rows", "24", "--steps", "8",
+                                                     "--batch-size", "8"])
     assert a.keys() == b.keys() and len(a) == 7 * 4
     difference = max(float((a[k] - b[k]).abs().max()) for k in a)
     print(f"1 vs 2 processes: max head parameter difference {difference:.3g}")

@@ -2,20 +2,25 @@
 sampling: the toy world DiT and a tiny random SD3 MMDiT trained a few steps by the training code; the bundle
 round-trips, the adapters are a weight patch on the clone only, threshold 1.0 is the adapted full model bit-exactly,
 exits happen, other models are refused, and ``torchrun`` with 2 gloo processes follows one process."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from test_deediff import CFG, REPO, STEPS, WORLD_SIZE_TOLERANCE, BlockRows, free_port, toy_sample
+from test_deediff import (
+    CFG,
+    STEPS,
+    TOY_TRAINING_PROMPTS,
+    WORLD_SIZE_TOLERANCE,
+    recorded_runs,
+    sd3_sample,
+    toy_sample,
+    train_on_one_and_two_processes,
+)
 
 import comfy.model_management
 import folder_paths
 
 from harness import tiny_models
 from harness.executor import run_node
-from harness.sampling import cfg_guider, sample_guider
 
 RANK = 2
 
@@ -25,13 +30,9 @@ def quick_joint(model, clip, prompts, latent, name, *, steps=6, seed=0):
     from pathlib import Path
 
     from guidance_kit.nodes import deediff as adapter
-    from guidance_kit.nodes.contract import encode_prompt
     from guidance_kit.samplers import training
 
-    recording = adapter.record_model_inputs(model, [encode_prompt(clip, p) for p in prompts],
-                                            encode_prompt(clip, ""), latent, seed=seed, steps=STEPS, cfg=CFG,
-                                            sampler_name="euler", scheduler="simple")
-    arch = adapter.architecture(model, "test")
+    recording, arch = recorded_runs(model, clip, prompts, latent, seed)
     data = adapter.joint_data(model, arch, recording, 4096)
     settings = training.TrainSettings(steps=steps, batch_size=8, lr=1e-2, seed=seed)
     path = Path(folder_paths.get_temp_directory()) / f"deediff_joint_test_{name}.safetensors"
@@ -44,8 +45,7 @@ def quick_joint(model, clip, prompts, latent, name, *, steps=6, seed=0):
 def toy_joint(toy):
     from guidance_kit.nodes.toyworld import ToyWorldEmptyLatent
 
-    return quick_joint(toy.model, toy.clip, ["a large red circle on the left", "a blue square above a mirror"],
-                       run_node(ToyWorldEmptyLatent, 2)[0], "toy")
+    return quick_joint(toy.model, toy.clip, TOY_TRAINING_PROMPTS, run_node(ToyWorldEmptyLatent, 2)[0], "toy")
 
 
 def test_joint_bundle_round_trips_with_adapters_on_every_block(toy, toy_joint):
@@ -132,16 +132,10 @@ def test_a_joint_bundle_for_another_model_is_refused(toy, toy_joint, sd3):
         adapter.patch_deediff(sd3.patcher, loaded, 0.9)
 
 
-@pytest.fixture(scope="module")
-def sd3():
-    return tiny_models.build("sd3_flow")
-
-
-def test_sd3_mmdit_trains_jointly_through_the_node(sd3, tmp_path_factory, monkeypatch):
+def test_sd3_mmdit_trains_jointly_through_the_node(sd3, deediff_folder):
     from guidance_kit.nodes import deediff as adapter
 
-    folder = tmp_path_factory.mktemp("deediff")
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "deediff", ([str(folder)], {".safetensors"}))
+    folder = deediff_folder
     clip = tiny_models.WordClip(sd3)
     run_node(adapter.DeeDiffTrain, sd3.patcher, clip, "a cat\na dog", "", sd3.empty_latent(2), 0, STEPS, CFG,
              "euler", "simple", 1.0, 6, 64, 8, 1e-2, 0, "tiny_sd3_joint", adapter_rank=RANK, distill_weight=1.0)
@@ -151,17 +145,11 @@ def test_sd3_mmdit_trains_jointly_through_the_node(sd3, tmp_path_factory, monkey
     assert trained.identity["architecture"] == "sd3_mmdit" and trained.adapters is not None
     assert {name.split(".")[2] for name in trained.adapters.names} == {"context_block", "x_block"}
 
-    def sample(model):
-        guider = cfg_guider(model, sd3.positive, sd3.negative, CFG)
-        with BlockRows(sd3.patcher.model.diffusion_model.joint_blocks) as counter:
-            samples = sample_guider(guider, sd3.empty_latent(2), steps=STEPS, scheduler="simple", seed=3)
-        return samples, counter.rows
-
-    adapted, full_rows = sample(adapter.apply_adapters(sd3.patcher, trained))
-    exits, rows = sample(run_node(adapter.DeeDiffModelPatch, sd3.patcher, trained, 1.0)[0])
+    adapted, full_rows = sd3_sample(sd3, adapter.apply_adapters(sd3.patcher, trained))
+    exits, rows = sd3_sample(sd3, run_node(adapter.DeeDiffModelPatch, sd3.patcher, trained, 1.0)[0])
     assert torch.equal(exits, adapted) and rows == full_rows
     assert sd3.patcher.patches == {}
-    _, rows = sample(run_node(adapter.DeeDiffModelPatch, sd3.patcher, trained, 0.0)[0])
+    _, rows = sd3_sample(sd3, run_node(adapter.DeeDiffModelPatch, sd3.patcher, trained, 0.0)[0])
     assert rows == [full_rows[0], 0]
 
 
@@ -170,19 +158,9 @@ def test_joint_training_under_torchrun_matches_one_process(tmp_path):
     float noise (the adapted output equals the frozen one up to rounding, and 1 and 2 processes round differently:
     4 vs 8 rows per forward), which AdamW's first steps turn into lr-sized updates of either sign (measured: 3.3e-3
     at lr 3e-3, on the last block's adapters only)."""
-    from safetensors.torch import load_file
-
-    options = ["--cpu", "--max-prompts", "2", "--images-per-prompt", "2", "--sample-steps", "3", "--rows", "24",
-               "--steps", "4", "--batch-size", "8", "--rank", str(RANK), "--distill", "0"]
-    script = str(REPO / "scripts" / "train_deediff.py")
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
-    subprocess.run([sys.executable, script, str(one), *options], check=True, env=environment, timeout=600,
-                   capture_output=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                    "127.0.0.1", "--master_port", str(free_port()), script, str(two), *options], check=True,
-                   env=environment, timeout=600, capture_output=True)
-    a, b = load_file(one), load_file(two)
+    a, b = train_on_one_and_two_processes(tmp_path, ["--cpu", "--max-prompts", "2", "--images-per-prompt", "2",
+                                                     "--sample-steps", "3", "--rows", "24", "--steps", "4",
+                                                     "--batch-size", "8", "--rank", str(RANK), "--distill", "0"])
     assert a.keys() == b.keys() and len(a) == 7 * 4 + 2 * 8 * 4
     difference = max(float((a[k] - b[k]).abs().max()) for k in a)
     print(f"1 vs 2 processes: max parameter difference {difference:.3g}")

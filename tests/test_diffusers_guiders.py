@@ -13,13 +13,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from diffusers.guiders import ClassifierFreeGuidance  # noqa: E402
 
 from guidance_kit.diffusers_guiders import (  # noqa: E402
+    GFCG,
     AdaptiveGuidance,
     Autoguidance,
     ComposableGuidance,
     LinearAG,
+    StepSample,
     calibrate_linear_ag,
+    show_latents,
 )
+from guidance_kit.diffusers_guiders.latents import SeesLatents, prediction_type, sigma_at  # noqa: E402
 from guidance_kit.samplers import adaptive_guidance as ag  # noqa: E402
+from guidance_kit.samplers import gfcg  # noqa: E402
 from guidance_kit.samplers import linear_ag as lag  # noqa: E402
 from guidance_kit.samplers.autoguidance import autoguide  # noqa: E402
 from guidance_kit.samplers.composable import compose  # noqa: E402
@@ -267,14 +272,196 @@ def test_calibration_refuses_runs_with_different_negatives(pipe, tmp_path):
                             height=td.HEIGHT, width=td.WIDTH)
 
 
-def test_linear_ag_refuses_a_calibration_of_denoised_predictions(calibration_file, tmp_path):
-    calibration = lag.Calibration.load(calibration_file)
-    comfyui_style = lag.Calibration(calibration.coefficients, calibration.evaluation_sigmas, calibration.schedule,
-                                    calibration.negative_fingerprint,
-                                    {k: v for k, v in calibration.info.items() if k != "prediction_space"})
-    comfyui_style.save(tmp_path / "comfyui.safetensors")
-    with pytest.raises(ValueError, match="fitted on ComfyUI denoised predictions"):
-        LinearAG(calibration=str(tmp_path / "comfyui.safetensors"))
+@pytest.fixture(scope="module")
+def shown_pipe():
+    """The tiny pipeline built with ``show_latents``: the guider is handed each step's latents and sigma."""
+    pipe = td.tiny_sdxl_pipeline(seed=0, latents_to_guider=True)
+    pipe.counter = td.CallCounter().attach(pipe.unet)
+    return pipe
+
+
+class DenoisedRecorder(SeesLatents, ClassifierFreeGuidance):
+    """CFG that records what the ComfyUI calibration node records per evaluation: x, D_c, D_u and sigma."""
+
+    def forward(self, pred_cond, pred_uncond=None):
+        sample = self.take_sample("DenoisedRecorder")
+        self.trajectory.append((sample.latents, sample.denoised(pred_cond), sample.denoised(pred_uncond),
+                                sample.sigma))
+        return super().forward(pred_cond, pred_uncond)
+
+
+@pytest.fixture(scope="module")
+def comfyui_calibration_file(shown_pipe, tmp_path_factory):
+    """A calibration written the way nodes/linear_ag.py's ``calibrate`` writes it (samplers.linear_ag's fit on
+    x, D_c, D_u per evaluation; the sigmas; node metadata, no prediction_space), on the tiny pipeline."""
+    recorder = DenoisedRecorder(guidance_scale=SCALE)
+    fit = lag.LeastSquaresFit(STEPS, 4, lag.TERMS)
+    for seed in (1, 2, 3):
+        recorder.trajectory = []
+        run(shown_pipe, recorder, td.prompt_inputs(seed))
+        xs, conds, unconds, sigmas = zip(*recorder.trajectory)
+        fit.add_trajectory(list(xs), list(conds), list(unconds))
+    schedule = shown_pipe.scheduler.sigmas.float().clone()
+    info = {"model": "SDXL:tiny", "model_type": "EPS", "sampler": "euler", "sampler_function": "sample_euler",
+            "scheduler": "simple", "steps": STEPS, "cfg": SCALE, "negative_prompt": "", "terms": list(lag.TERMS)}
+    negative = lag.conditioning_fingerprint([td.prompt_inputs(0)["negative_prompt_embeds"]])
+    path = tmp_path_factory.mktemp("comfyui") / "tiny_sdxl_euler_simple_4_cfg5.safetensors"
+    lag.Calibration(fit.solve(), torch.tensor(sigmas), schedule, negative, info).save(path)
+    return path
+
+
+def test_linear_ag_runs_a_comfyui_calibration_on_denoised_predictions(shown_pipe, pipe, inputs, cfg_run,
+                                                                     comfyui_calibration_file):
+    guider = LinearAG(calibration=str(comfyui_calibration_file), guidance_scale=SCALE)
+    latents, calls = run(shown_pipe, guider, inputs)
+    assert calls == 2 + 1 + 1 + 1 and guider._problem is None
+    assert not torch.allclose(latents, cfg_run[0], atol=1e-4)
+    with pytest.raises(ValueError, match=r"LinearAG \(diffusers\) with a ComfyUI calibration: needs each step's "
+                                         "latents and sigma.*show_latents"):
+        run(pipe, LinearAG(calibration=str(comfyui_calibration_file), guidance_scale=SCALE), inputs)
+    assert pipe.counter.calls == 0  # refused before any model call
+
+
+def test_linear_ag_comfyui_regressed_step_is_the_nodes_regression_on_denoised(comfyui_calibration_file, tmp_path):
+    """The regressed step's output, seen as x̂₀, is what the nodes compute: û = predict_uncond on the denoised
+    terms (a latent term too), combined by CFG on denoised predictions."""
+    calibration = lag.Calibration.load(comfyui_calibration_file)
+    terms = ("cond", "x", "anchor_uncond")
+    coefficients = torch.randn(STEPS, STEPS, 4, len(terms), generator=torch.Generator().manual_seed(4))
+    path = tmp_path / "with_x.safetensors"
+    lag.Calibration(coefficients, calibration.evaluation_sigmas, calibration.schedule,
+                    calibration.negative_fingerprint, {**calibration.info, "terms": list(terms)}).save(path)
+    guider = LinearAG(calibration=str(path), guidance_scale=SCALE)
+    sigmas = [float(sigma) for sigma in calibration.evaluation_sigmas]
+    x0, c0, u0, x1, c1 = torch.randn(5, 1, 4, 8, 8).unbind(0)
+    guider.observe_sample(StepSample(x0, sigmas[0], "epsilon"))
+    step(guider, 0)
+    assert guider.num_conditions == 2
+    guider.forward(c0, u0)
+    guider.observe_sample(StepSample(x1, sigmas[1], "epsilon"))
+    step(guider, 1)
+    assert guider.num_conditions == 1
+    out = guider.forward(c1).pred
+    denoised_cond, denoised_anchor_uncond = x1 - sigmas[1] * c1, x0 - sigmas[0] * u0
+    regressed = lag.predict_uncond(coefficients[0, 1], [denoised_cond, x1, denoised_anchor_uncond])
+    nodes_result = regressed + SCALE * (denoised_cond - regressed)  # ComfyUI's cfg combine on denoised
+    assert torch.allclose(x1 - sigmas[1] * out, nodes_result, atol=1e-4)
+    guider.observe_sample(StepSample(x1, sigmas[2] * 1.01, "epsilon"))
+    step(guider, 2)  # another sigma than the calibrated one: warned, true CFG
+    assert "sigma" in guider._problem and guider.num_conditions == 2
+
+
+def test_linear_ag_runs_the_shipped_toy_calibration_of_the_comfyui_nodes():
+    """toyworld/calibrations/ was written by the LinearAG Calibrate node (FLOW model, denoised predictions); in
+    the toy example loop it follows its pattern and stays near CFG (nearer than the conditional alone)."""
+    import importlib.util
+
+    from guidance_kit.toyworld import scenes, weights
+
+    spec = importlib.util.spec_from_file_location("toy_diffusers_guiders",
+                                                  REPO / "scripts" / "toy_diffusers_guiders.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    dit, text_encoder = weights.load_main()
+    calls = td.CallCounter()
+    dit.patch_embed.register_forward_pre_hook(lambda module, args: setattr(calls, "calls", calls.calls + 1))
+    cond = text_encoder(torch.tensor([scenes.tokenize(scenes.dev_prompts()[0][0])]))
+    uncond = text_encoder(torch.tensor([scenes.tokenize("")]))
+    path = str(REPO / "toyworld" / "calibrations" / "toy_dit_euler_simple_20_cfg4.safetensors")
+    assert "prediction_space" not in lag.Calibration.load(path).info
+    samples = {}
+    for name, guider in {"cfg": ClassifierFreeGuidance(guidance_scale=4.0),
+                         "regressed": LinearAG(calibration=path, guidance_scale=4.0),
+                         "conditional": LinearAG(calibration=path, guidance_scale=4.0, guided_until=0.0)}.items():
+        calls.calls = 0
+        samples[name] = example.denoise(guider, dit, cond, uncond, steps=20, seed=0)
+        assert getattr(guider, "_problem", None) is None
+        assert calls.calls == {"cfg": 40, "regressed": 25, "conditional": 20}[name]
+    error = {name: float((samples[name] - samples["cfg"]).pow(2).mean()) for name in ("regressed", "conditional")}
+    assert 0 < error["regressed"] < 0.25 * error["conditional"]
+
+
+# GFCG
+
+class FixedClassifier:
+    """Per-head probabilities fixed by the test; records the clean estimates it is handed."""
+
+    def __init__(self, probabilities: torch.Tensor):
+        self.probabilities, self.read = probabilities, []
+
+    def __call__(self, clean_estimates: torch.Tensor) -> dict:
+        self.read.append(clean_estimates)
+        return {"colour": self.probabilities[:len(clean_estimates)]}
+
+
+def gfcg_guider(probabilities, **settings) -> GFCG:
+    references = {"colour": [None, td.concept_inputs(3), td.concept_inputs(4)]}
+    return GFCG(classifier=FixedClassifier(probabilities), references=references, targets={"colour": 0},
+                guidance_scale=SCALE, **settings)
+
+
+# sample 0 drifts to class 1 (confusion 0.7 / 0.9), sample 1 is sure of its target (no reference pass)
+PROBABILITIES = torch.tensor([[0.2, 0.7, 0.1], [0.95, 0.03, 0.02]])
+
+
+def test_gfcg_reads_the_previous_clean_estimate_and_guides_from_the_reference():
+    guider = gfcg_guider(PROBABILITIES, max_scale=2.0, confidence=0.9)
+    x0, c0, u0, x1, c1, u1, r1 = torch.randn(7, 2, 4, 8, 8).unbind(0)
+    guider.observe_sample(StepSample(x0, 3.0, "epsilon"))
+    step(guider, 0)
+    assert guider.num_conditions == 2  # no clean estimate yet
+    cfg0 = guider.forward(c0, u0).pred
+    guider.observe_sample(StepSample(x1, 2.0, "epsilon"))
+    step(guider, 1)
+    assert guider.num_conditions == 3
+    assert torch.allclose(guider.classifier.read[0], x0 - 3.0 * cfg0)  # the guided x̂₀ of step 0
+    reference = gfcg.choose_reference({"colour": PROBABILITIES}, {"colour": 0}, 2.0, 0.9)
+    assert reference.scale[1] == 0 and reference.scale[0] == pytest.approx(2.0 * 0.7 / 0.9)
+    out = guider.forward(c1, u1, r1).pred
+    cfg1 = ClassifierFreeGuidance(guidance_scale=SCALE).forward(c1, u1).pred
+    assert torch.allclose(out, gfcg.guide(cfg1, c1, r1, reference.scale))
+    assert torch.equal(out[1], cfg1[1])
+    assert guider.reading_log == [{"step": 1, "scale": reference.scale.tolist(),
+                                   "reference": [("colour", 1), None]}]
+    guider.observe_sample(StepSample(x0, 3.0, "epsilon"))
+    step(guider, 0)  # a new run
+    assert guider.reading_log == [] and guider._previous_denoised is None and guider.num_conditions == 2
+
+
+def test_gfcg_reference_pass_carries_each_active_samples_reference_prompt():
+    guider = gfcg_guider(PROBABILITIES)
+    guider._reference = gfcg.choose_reference({"colour": PROBABILITIES}, {"colour": 0}, 2.0, 0.9)
+    inputs = td.prompt_inputs(0, batch=2)
+    data = {"prompt_embeds": (inputs["prompt_embeds"], inputs["negative_prompt_embeds"]),
+            "text_embeds": (inputs["pooled_prompt_embeds"], inputs["negative_pooled_prompt_embeds"])}
+    batches = guider.prepare_inputs(data)
+    assert [batch.__guidance_identifier__ for batch in batches] == ["pred_cond", "pred_uncond", "pred_reference"]
+    reference = td.concept_inputs(3)  # class 1, sample 0's reference
+    assert torch.equal(batches[2].prompt_embeds[0], reference["prompt_embeds"][0])
+    assert torch.equal(batches[2].text_embeds[0], reference["text_embeds"][0])
+    assert torch.equal(batches[2].prompt_embeds[1], inputs["prompt_embeds"][1])  # sample 1: its own prompt
+    assert torch.equal(batches[0].prompt_embeds, inputs["prompt_embeds"])  # the conditional batch is untouched
+
+
+def test_gfcg_end_to_end_adds_a_reference_pass_after_the_first_step(shown_pipe, inputs, cfg_run):
+    latents, calls = run(shown_pipe, gfcg_guider(PROBABILITIES), inputs)
+    assert calls == 2 + 3 * (STEPS - 1)
+    assert not torch.allclose(latents, cfg_run[0], atol=1e-4)
+    sure, calls = run(shown_pipe, gfcg_guider(torch.tensor([[0.95, 0.03, 0.02]])), inputs)
+    assert calls == 2 * STEPS and torch.allclose(sure, cfg_run[0], atol=1e-5)  # confident: exactly CFG
+    window = gfcg_guider(PROBABILITIES, start_sigma=0.5)  # the tiny scheduler's sigmas: 4.1, 1.6, 0.7, 0.04
+    _, calls = run(shown_pipe, window, inputs)
+    assert calls == 2 * 3 + 3 and [entry["step"] for entry in window.reading_log] == [3]
+
+
+def test_gfcg_errors_name_the_guider_and_the_input(pipe, inputs):
+    with pytest.raises(ValueError, match=r"GFCG \(diffusers\): 'targets' and 'references' need the same heads"):
+        GFCG(classifier=FixedClassifier(PROBABILITIES), references={"colour": [None]}, targets={"shape": 0})
+    with pytest.raises(ValueError, match=r"GFCG \(diffusers\): 'classifier' must be a callable"):
+        GFCG(classifier=None, references={"colour": [None]}, targets={"colour": 0})
+    with pytest.raises(ValueError, match=r"GFCG \(diffusers\): needs each step's latents and sigma"):
+        run(pipe, gfcg_guider(PROBABILITIES), inputs)
+    assert pipe.counter.calls == 0
 
 
 # All guiders
@@ -288,8 +475,10 @@ def test_config_round_trip(calibration_file, tmp_path):
     guiders = [AdaptiveGuidance(guidance_scale=3.0, threshold=0.9, quantity="prediction", switch_end=0.5),
                LinearAG(calibration=str(calibration_file), guidance_scale=SCALE, true_every=3),
                ComposableGuidance(weights=[3.0, -1.0], concepts=[td.concept_inputs(1)]),
-               Autoguidance(weak_model=weak, guidance_scale=2.5)]
-    runtime = {ComposableGuidance: {"concepts": [td.concept_inputs(1)]}, Autoguidance: {"weak_model": weak}}
+               Autoguidance(weak_model=weak, guidance_scale=2.5),
+               gfcg_guider(PROBABILITIES, max_scale=3.0, start_sigma=1.0, every=2)]
+    runtime = {ComposableGuidance: {"concepts": [td.concept_inputs(1)]}, Autoguidance: {"weak_model": weak},
+               GFCG: {"classifier": guiders[4].classifier, "references": guiders[4].references}}
     for guider in guiders:
         folder = tmp_path / type(guider).__name__
         guider.save_pretrained(folder)
@@ -301,6 +490,9 @@ def test_config_round_trip(calibration_file, tmp_path):
                                                                                                (1.0, 0.5))
     assert LinearAG.from_pretrained(tmp_path / "LinearAG")._pattern == lag.step_pattern(STEPS, 3, 0.5)
     assert guiders[2].new().concepts[0] is guiders[2].concepts[0] and guiders[3].new().weak_model is weak
+    loaded = GFCG.from_pretrained(tmp_path / "GFCG", **runtime[GFCG])
+    assert (loaded.targets, loaded.max_scale, loaded.start_sigma, loaded.every) == ({"colour": 0}, 3.0, 1.0, 2)
+    assert guiders[4].new().classifier is guiders[4].classifier
 
 
 # The toy-world example (scripts/toy_diffusers_guiders.py)
@@ -343,3 +535,27 @@ def test_guiders_guide_only_inside_their_start_stop_window():
         step(autoguidance, index)
         assert (composable.num_conditions, autoguidance.num_conditions) == \
             (composable_conditions, autoguidance_conditions)
+
+
+# show_latents
+
+def test_show_latents_leaves_other_guiders_alone(shown_pipe, inputs, cfg_run):
+    latents, calls = run(shown_pipe, ClassifierFreeGuidance(guidance_scale=SCALE), inputs)
+    assert calls == 2 * STEPS and torch.equal(latents, cfg_run[0])
+    with pytest.raises(ValueError, match="show_latents: .* has no denoise loop"):
+        show_latents(ClassifierFreeGuidance())
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_step_sample_clean_estimate_is_the_schedulers(prediction):
+    from diffusers import EulerDiscreteScheduler
+
+    scheduler = EulerDiscreteScheduler(prediction_type=prediction)
+    scheduler.set_timesteps(10)
+    x, output = torch.randn(2, 1, 4, 8, 8).unbind(0)
+    t = scheduler.timesteps[3]
+    scheduler.scale_model_input(x, t)  # sets the step index, as the loop's before-denoiser step does
+    sample = StepSample(x, sigma_at(scheduler, t), prediction_type(scheduler))
+    expected = scheduler.step(output, t, x).pred_original_sample
+    assert torch.allclose(sample.denoised(output), expected, atol=1e-5)
+    assert torch.allclose(sample.output(sample.denoised(output)), output, atol=1e-4)

@@ -2,7 +2,7 @@
 
 Technique modules import from here (and shared types such as ``nodes.classifier``), never from each other:
 
-* ``technique``: the ``Technique`` protocol, ``install``, ``run_state`` for hooks in other slots;
+* ``technique``: the ``Technique`` protocol, ``install``, ``installed``, ``run_state`` for hooks in other slots;
 * ``evaluator``: ``CondEvaluator``, evaluating cond lists on all samples or a sub-batch as ComfyUI would;
 * ``twins``: ``TwinSpec`` / ``guider_and_patch``, a technique's GUIDER node and MODEL-patch twin;
 * ``guiders``: the standard guider inputs and ComfyUI's CFGGuider over a patched clone;
@@ -11,6 +11,7 @@ Technique modules import from here (and shared types such as ``nodes.classifier`
 * ``model_files``: the pack's model folders, shipped artifacts (never shadowed) and the one file-name policy;
 * ``training_guard``: memory estimates checked before training, interrupts, progress;
 * ``stats``: the run statistics every installation reports through.
+* ``toy_worlds``: what the two toy worlds' loader modules share (their Empty Latent node, CLIP model base).
 """
 from . import model_files
 from .checks import check_number, check_numeric_inputs, check_sampling_inputs
@@ -18,10 +19,10 @@ from .evaluator import CondEvaluator, broadcast_to_batch, rows_of_cond
 from .guiders import cfg_guider, guider_inputs, model_input
 from .host import encode_prompt, model_identity, sampler_cfg, stock_cfg_run
 from .stats import current_run, node_id_of, stats_sink
-from .technique import Technique, install, run_state
+from .technique import Technique, install, installed, run_state
 from .twins import TwinSpec, guider_and_patch
 
 __all__ = ["CondEvaluator", "Technique", "TwinSpec", "broadcast_to_batch", "cfg_guider", "check_number",
            "check_numeric_inputs", "check_sampling_inputs", "current_run", "encode_prompt", "guider_and_patch",
-           "guider_inputs", "install", "model_files", "model_identity", "model_input", "node_id_of", "rows_of_cond",
-           "run_state", "sampler_cfg", "stats_sink", "stock_cfg_run"]
+           "guider_inputs", "install", "installed", "model_files", "model_identity", "model_input", "node_id_of",
+           "rows_of_cond", "run_state", "sampler_cfg", "stats_sink", "stock_cfg_run"]

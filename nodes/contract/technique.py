@@ -87,6 +87,11 @@ def _chains(function, key: str) -> bool:
     return False
 
 
+def installed(model, technique_type: type[Technique]) -> Technique | None:
+    """The ``technique_type`` technique that ``install`` last put on ``model`` or on a model it was cloned from."""
+    return (model.get_attachment(INSTALLATIONS) or {}).get(technique_type, (None, None))[0]
+
+
 def install(model, technique: Technique, node_id: str | None = None):
     """A clone of ``model`` with ``technique`` installed as described in the module docstring."""
     patched = model.clone()
