@@ -46,7 +46,9 @@ def test_comfy_run_executes_the_workflow(comfy_server, path):
     assert images, f"{path.name} produced no image"
 
 
-def test_readme_links_every_workflow():
-    readme = (REPO / "README.md").read_text()
-    unlinked = [path.name for path in WORKFLOWS if f"](workflows/{path.name})" not in readme]
-    assert not unlinked, f"README.md does not link {unlinked}"
+def test_docs_link_every_workflow():
+    """README.md links docs/workflows.md, and that page links every shipped workflow."""
+    assert "](docs/workflows.md)" in (REPO / "README.md").read_text()
+    page = (REPO / "docs" / "workflows.md").read_text()
+    unlinked = [path.name for path in WORKFLOWS if f"](../workflows/{path.name})" not in page]
+    assert not unlinked, f"docs/workflows.md does not link {unlinked}"
