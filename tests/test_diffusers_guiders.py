@@ -467,25 +467,6 @@ def test_gfcg_errors_name_the_guider_and_the_input(pipe, inputs):
 
 # PPAP
 
-class TinyExpertNetwork(torch.nn.Module):
-    """A random classifier over the tiny pipeline's latents: 3 colour classes from a convolution's channel means."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(4, 3, 3, padding=1)
-
-    def forward(self, images: torch.Tensor) -> dict:
-        return {"colour": self.conv(images).mean((2, 3))}
-
-
-def tiny_experts(ranges=((0.0, 1.0), (1.0, 20.0))) -> ppap.ExpertClassifier:
-    """One random parameter set of ``TinyExpertNetwork`` per σ range (the tiny scheduler's σ: 4.1, 1.6, 0.7, 0.04)."""
-    generator = torch.Generator().manual_seed(11)
-    experts = [{"conv.weight": torch.randn(3, 4, 3, 3, generator=generator), "conv.bias": torch.zeros(3)}
-               for _ in ranges]
-    return ppap.ExpertClassifier(TinyExpertNetwork(), experts, torch.tensor(ranges), {"colour": ("r", "g", "b")})
-
-
 def squashed_model_input(latents: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """A ``read_pixels`` that uses σ: tanh of the UNet's input x/√(σ²+1)."""
     return torch.tanh(latents / (sigma.view(-1, 1, 1, 1) ** 2 + 1) ** 0.5)
@@ -498,7 +479,7 @@ FORWARD = {"epsilon": lambda sigma: (1.0, sigma), "v_prediction": lambda sigma: 
 
 @pytest.mark.parametrize("prediction,sigma,expert", [("epsilon", 2.0, 1), ("v_prediction", 0.5, 0), ("flow", 0.7, 0)])
 def test_ppap_forward_is_the_samplers_guided_denoised(prediction, sigma, expert):
-    experts = tiny_experts()
+    experts = td.tiny_experts()
     guider = PPAP(experts=experts, read_pixels=squashed_model_input, head="colour", target=1, scale=3.0,
                   guidance_scale=SCALE)
     x, c, u = torch.randn(3, 2, 4, 8, 8, generator=torch.Generator().manual_seed(5)).unbind(0)
@@ -527,7 +508,7 @@ def target_probability(experts: ppap.ExpertClassifier, latents: torch.Tensor, ta
 
 
 def test_ppap_end_to_end_steers_toward_the_target_and_is_cfg_at_scale_zero(shown_pipe, inputs, cfg_run):
-    experts = tiny_experts()
+    experts = td.tiny_experts()
     off, calls = run(shown_pipe, PPAP(experts=experts, head="colour", target=0, scale=0.0, guidance_scale=SCALE),
                      inputs)
     assert calls == 2 * STEPS and torch.equal(off, cfg_run[0])
@@ -546,21 +527,21 @@ def test_ppap_end_to_end_steers_toward_the_target_and_is_cfg_at_scale_zero(shown
 
 def test_ppap_errors_name_the_guider_and_the_input(pipe, shown_pipe, inputs):
     with pytest.raises(ValueError, match=r"PPAP \(diffusers\): 'experts' must be a samplers.ppap.ExpertClassifier"):
-        PPAP(experts=TinyExpertNetwork(), head="colour")
+        PPAP(experts=td.TinyExpertNetwork(), head="colour")
     with pytest.raises(ValueError, match=r"PPAP \(diffusers\): 'head' must name an output head .*'shape'"):
-        PPAP(experts=tiny_experts(), head="shape")
+        PPAP(experts=td.tiny_experts(), head="shape")
     with pytest.raises(ValueError, match=r"PPAP \(diffusers\): 'target' 3 is not a class index of head 'colour'"):
-        PPAP(experts=tiny_experts(), head="colour", target=3)
+        PPAP(experts=td.tiny_experts(), head="colour", target=3)
     with pytest.raises(ValueError, match=r"PPAP \(diffusers\): 'scale' must be finite and >= 0"):
-        PPAP(experts=tiny_experts(), head="colour", scale=-1.0)
+        PPAP(experts=td.tiny_experts(), head="colour", scale=-1.0)
     with pytest.raises(ValueError, match=r"PPAP \(diffusers\): 'read_pixels' must be a callable"):
-        PPAP(experts=tiny_experts(), head="colour", read_pixels="vae")
+        PPAP(experts=td.tiny_experts(), head="colour", read_pixels="vae")
     with pytest.raises(ValueError, match=r"PPAP \(diffusers\): needs each step's latents and sigma.*show_latents"):
-        run(pipe, PPAP(experts=tiny_experts(), head="colour"), inputs)
+        run(pipe, PPAP(experts=td.tiny_experts(), head="colour"), inputs)
     assert pipe.counter.calls == 0
     with pytest.raises(ValueError, match=r"PPAP \(diffusers\) 'experts': step 0 is at sigma 4.1.*, above the "
                                          r"experts' noise ranges \(sigma 0 to 1\)"):
-        run(shown_pipe, PPAP(experts=tiny_experts(ranges=((0.0, 1.0),)), head="colour"), inputs)
+        run(shown_pipe, PPAP(experts=td.tiny_experts(ranges=((0.0, 1.0),)), head="colour"), inputs)
     assert shown_pipe.counter.calls == 0
 
 
@@ -577,7 +558,7 @@ def test_config_round_trip(calibration_file, tmp_path):
                ComposableGuidance(weights=[3.0, -1.0], concepts=[td.concept_inputs(1)]),
                Autoguidance(weak_model=weak, guidance_scale=2.5),
                gfcg_guider(PROBABILITIES, max_scale=3.0, start_sigma=1.0, every=2),
-               PPAP(experts=tiny_experts(), read_pixels=squashed_model_input, head="colour", target=2, scale=4.0,
+               PPAP(experts=td.tiny_experts(), read_pixels=squashed_model_input, head="colour", target=2, scale=4.0,
                     stop=0.5)]
     runtime = {ComposableGuidance: {"concepts": [td.concept_inputs(1)]}, Autoguidance: {"weak_model": weak},
                GFCG: {"classifier": guiders[4].classifier, "references": guiders[4].references},
