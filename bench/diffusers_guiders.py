@@ -16,7 +16,9 @@ its prompts.
   each vs ClassifierFreeGuidance; Autoguidance at scale 1 vs ClassifierFreeGuidance at scale 1; GFCG with
   confidence 0, which reads its classifier every step but never adds a reference pass, vs
   ClassifierFreeGuidance, both on the pipeline built with ``show_latents``).  GFCG's classifier is a fixed
-  random linear readout of the clean estimate's channel means (3 classes; references: random embeddings).  The time
+  random linear readout of the clean estimate's channel means (3 classes; references: random embeddings).
+  PPAP (``td.tiny_experts``: two random convolutional experts over the latent) at scale 2; its no-op is scale 0
+  vs ClassifierFreeGuidance on the ``show_latents`` pipeline.  The time
   spent inside the guider's methods (set_state, prepare_inputs, prepare_models, cleanup_models, forward) is
   timed directly in both runs of a pair; ``overhead_frac`` is the worst guider's extra guider time per step
   over the stock guider's whole step time (mean over the validation prompts), target < 2%.
@@ -95,6 +97,7 @@ def main():
 
     from guidance_kit.diffusers_guiders import (
         GFCG,
+        PPAP,
         AdaptiveGuidance,
         Autoguidance,
         ComposableGuidance,
@@ -119,6 +122,10 @@ def main():
     calibrate_linear_ag(pipe, dev, calibration, num_inference_steps=args.steps, guidance_scale=SCALE,
                         height=td.HEIGHT, width=td.WIDTH)
     concept = td.concept_inputs(DEV_SEED + 999)
+    experts = td.tiny_experts(seed=DEV_SEED)
+
+    def make_ppap(scale):
+        return lambda: PPAP(experts=experts, head="colour", target=0, scale=scale, guidance_scale=SCALE)
 
     configurations = {
         "cfg": lambda: ClassifierFreeGuidance(guidance_scale=SCALE),
@@ -127,6 +134,7 @@ def main():
         "composable_and_not": lambda: ComposableGuidance(weights=[SCALE, -2.0], concepts=[concept]),
         "autoguidance": lambda: Autoguidance(weak_model=weak, guidance_scale=2.0),
         "gfcg": make_gfcg(0.9),
+        "ppap": make_ppap(2.0),
     }
     no_op_pairs = {  # guider at its no-op setting vs the stock guider computing the same thing
         "ag": (lambda: AdaptiveGuidance(guidance_scale=SCALE, threshold=1.0), configurations["cfg"]),
@@ -136,8 +144,9 @@ def main():
         "autoguidance": (lambda: Autoguidance(weak_model=weak, guidance_scale=1.0),
                          lambda: ClassifierFreeGuidance(guidance_scale=1.0)),
         "gfcg": (make_gfcg(0.0), configurations["cfg"]),
+        "ppap": (make_ppap(0.0), configurations["cfg"]),
     }
-    needs_latents = {"gfcg"}
+    needs_latents = {"gfcg", "ppap"}
 
     def on(name):
         return (shown, shown_counters) if name in needs_latents else (pipe, counters)

@@ -18,6 +18,7 @@ from .composable import ComposableGuidance
 from .gfcg import GFCG
 from .latents import StepSample, show_latents
 from .linear_ag import LinearAG, calibrate_linear_ag
+from .ppap import PPAP
 
 TESTED_DIFFUSERS = (Version("0.42.0"), Version("0.43.0"))  # [low, high): pyproject.toml's `diffusers` extra
 
@@ -26,5 +27,5 @@ if not TESTED_DIFFUSERS[0] <= Version(diffusers.__version__) < TESTED_DIFFUSERS[
         "Guidance Kit's diffusers guiders are tested with diffusers >=%s,<%s; found %s (the guider API is "
         "experimental and may have changed)", *TESTED_DIFFUSERS, diffusers.__version__)
 
-__all__ = ["AdaptiveGuidance", "Autoguidance", "ComposableGuidance", "GFCG", "LinearAG", "calibrate_linear_ag",
+__all__ = ["AdaptiveGuidance", "Autoguidance", "ComposableGuidance", "GFCG", "LinearAG", "PPAP", "calibrate_linear_ag",
            "StepSample", "show_latents", "TESTED_DIFFUSERS"]

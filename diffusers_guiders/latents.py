@@ -20,6 +20,12 @@ PREDICTIONS = {
     "v_prediction": lambda sigma: (1.0 / (sigma ** 2 + 1.0), -sigma / (sigma ** 2 + 1.0) ** 0.5),
     "flow": lambda sigma: (1.0, -sigma),
 }
+# The forward process x = α·x0 + σ_t·n of those latents, (α, σ_t) per prediction type.
+FORWARD_PROCESS = {
+    "epsilon": lambda sigma: (1.0, sigma),
+    "v_prediction": lambda sigma: (1.0, sigma),
+    "flow": lambda sigma: (1.0 - sigma, sigma),
+}
 
 
 @dataclass
@@ -42,6 +48,10 @@ class StepSample:
         """x̂₀ = a·x + b·output."""
         a, b = self._coefficients()
         return a * self.latents.to(output.dtype) + b * output
+
+    def forward_process(self) -> tuple[float, float]:
+        """(α, σ_t) of the latents' forward process x = α·x0 + σ_t·n at this step."""
+        return FORWARD_PROCESS[self.prediction](float(self.sigma))
 
     def output(self, denoised: torch.Tensor) -> torch.Tensor:
         """The raw output whose clean estimate is ``denoised`` (σ > 0)."""

@@ -100,3 +100,25 @@ def generate(pipe, inputs: dict, steps: int, seed: int = 0) -> torch.Tensor:
     """Final latents of one pipeline call."""
     return pipe(**inputs, num_inference_steps=steps, height=HEIGHT, width=WIDTH,
                 generator=torch.Generator().manual_seed(seed), output="latents")
+
+
+class TinyExpertNetwork(torch.nn.Module):
+    """A random classifier over the tiny pipeline's latents: 3 colour classes from a convolution's channel means."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 3, 3, padding=1)
+
+    def forward(self, images: torch.Tensor) -> dict:
+        return {"colour": self.conv(images).mean((2, 3))}
+
+
+def tiny_experts(ranges=((0.0, 1.0), (1.0, 20.0)), seed: int = 11):
+    """PPAP experts (``samplers.ppap.ExpertClassifier``) for the PPAP guider: one random parameter set of
+    ``TinyExpertNetwork`` per σ range (the tiny scheduler's σ at 4 steps: 4.1, 1.6, 0.7, 0.04)."""
+    from guidance_kit.samplers import ppap
+
+    generator = torch.Generator().manual_seed(seed)
+    experts = [{"conv.weight": torch.randn(3, 4, 3, 3, generator=generator), "conv.bias": torch.zeros(3)}
+               for _ in ranges]
+    return ppap.ExpertClassifier(TinyExpertNetwork(), experts, torch.tensor(ranges), {"colour": ("r", "g", "b")})

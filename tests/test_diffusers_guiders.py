@@ -14,6 +14,7 @@ from diffusers.guiders import ClassifierFreeGuidance  # noqa: E402
 
 from guidance_kit.diffusers_guiders import (  # noqa: E402
     GFCG,
+    PPAP,
     AdaptiveGuidance,
     Autoguidance,
     ComposableGuidance,
@@ -24,7 +25,7 @@ from guidance_kit.diffusers_guiders import (  # noqa: E402
 )
 from guidance_kit.diffusers_guiders.latents import SeesLatents, prediction_type, sigma_at  # noqa: E402
 from guidance_kit.samplers import adaptive_guidance as ag  # noqa: E402
-from guidance_kit.samplers import gfcg  # noqa: E402
+from guidance_kit.samplers import gfcg, ppap  # noqa: E402
 from guidance_kit.samplers import linear_ag as lag  # noqa: E402
 from guidance_kit.samplers.autoguidance import autoguide  # noqa: E402
 from guidance_kit.samplers.composable import compose  # noqa: E402
@@ -464,6 +465,86 @@ def test_gfcg_errors_name_the_guider_and_the_input(pipe, inputs):
     assert pipe.counter.calls == 0
 
 
+# PPAP
+
+def squashed_model_input(latents: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """A ``read_pixels`` that uses σ: tanh of the UNet's input x/√(σ²+1)."""
+    return torch.tanh(latents / (sigma.view(-1, 1, 1, 1) ** 2 + 1) ** 0.5)
+
+
+# x = α·x0 + σ_t·n of the scheduler's latents, written out: eps and v (1, σ), flow (1 − σ, σ)
+FORWARD = {"epsilon": lambda sigma: (1.0, sigma), "v_prediction": lambda sigma: (1.0, sigma),
+           "flow": lambda sigma: (1.0 - sigma, sigma)}
+
+
+@pytest.mark.parametrize("prediction,sigma,expert", [("epsilon", 2.0, 1), ("v_prediction", 0.5, 0), ("flow", 0.7, 0)])
+def test_ppap_forward_is_the_samplers_guided_denoised(prediction, sigma, expert):
+    experts = td.tiny_experts()
+    guider = PPAP(experts=experts, read_pixels=squashed_model_input, head="colour", target=1, scale=3.0,
+                  guidance_scale=SCALE)
+    x, c, u = torch.randn(3, 2, 4, 8, 8, generator=torch.Generator().manual_seed(5)).unbind(0)
+    sample = StepSample(x, sigma, prediction)
+    guider.observe_sample(sample)
+    step(guider, 0)
+    assert guider.num_conditions == 2
+    with torch.no_grad():  # as the pipeline runs the guider
+        out = guider.forward(c, u).pred
+    cfg = ClassifierFreeGuidance(guidance_scale=SCALE).forward(c, u).pred
+    alpha, noise_std = (torch.full((2,), value) for value in FORWARD[prediction](sigma))
+    expected, gradient, probability, chosen = ppap.guided_denoised(
+        sample.denoised(cfg), x, torch.full((2,), sigma), alpha, noise_std, experts, squashed_model_input,
+        "colour", 1, 3.0)
+    assert gradient.abs().amax() > 0 and not torch.allclose(expected, sample.denoised(cfg), atol=1e-3)
+    assert torch.allclose(sample.denoised(out), expected, atol=1e-4)
+    assert guider.guidance_log == [{"step": 0, "sigma": sigma, "experts": [expert, expert],
+                                    "target_probability": probability.tolist(),
+                                    "gradient_norm": ppap.gradient_norms(gradient)}]
+    assert chosen.tolist() == [expert, expert]
+
+
+def target_probability(experts: ppap.ExpertClassifier, latents: torch.Tensor, target: int) -> float:
+    with torch.no_grad():
+        return float(experts.logits(latents, 0)["colour"].softmax(-1)[:, target].mean())
+
+
+def test_ppap_end_to_end_steers_toward_the_target_and_is_cfg_at_scale_zero(shown_pipe, inputs, cfg_run):
+    experts = td.tiny_experts()
+    off, calls = run(shown_pipe, PPAP(experts=experts, head="colour", target=0, scale=0.0, guidance_scale=SCALE),
+                     inputs)
+    assert calls == 2 * STEPS and torch.equal(off, cfg_run[0])
+    guider = PPAP(experts=experts, head="colour", target=0, scale=2.0, guidance_scale=SCALE)
+    guided, calls = run(shown_pipe, guider, inputs)
+    assert calls == 2 * STEPS and not torch.allclose(guided, cfg_run[0], atol=1e-3)
+    assert [(entry["step"], entry["experts"]) for entry in guider.guidance_log] == [(0, [1]), (1, [1]), (2, [0]),
+                                                                                   (3, [0])]
+    assert target_probability(experts, guided, 0) > target_probability(experts, cfg_run[0], 0)
+    again, _ = run(shown_pipe, guider, inputs)  # a second call: fresh state, same images
+    assert len(guider.guidance_log) == STEPS and torch.allclose(again, guided)
+    late = PPAP(experts=experts, head="colour", target=0, scale=2.0, guidance_scale=SCALE, start=0.5)
+    run(shown_pipe, late, inputs)
+    assert [entry["step"] for entry in late.guidance_log] == [2, 3]
+
+
+def test_ppap_errors_name_the_guider_and_the_input(pipe, shown_pipe, inputs):
+    with pytest.raises(ValueError, match=r"PPAP \(diffusers\): 'experts' must be a samplers.ppap.ExpertClassifier"):
+        PPAP(experts=td.TinyExpertNetwork(), head="colour")
+    with pytest.raises(ValueError, match=r"PPAP \(diffusers\): 'head' must name an output head .*'shape'"):
+        PPAP(experts=td.tiny_experts(), head="shape")
+    with pytest.raises(ValueError, match=r"PPAP \(diffusers\): 'target' 3 is not a class index of head 'colour'"):
+        PPAP(experts=td.tiny_experts(), head="colour", target=3)
+    with pytest.raises(ValueError, match=r"PPAP \(diffusers\): 'scale' must be finite and >= 0"):
+        PPAP(experts=td.tiny_experts(), head="colour", scale=-1.0)
+    with pytest.raises(ValueError, match=r"PPAP \(diffusers\): 'read_pixels' must be a callable"):
+        PPAP(experts=td.tiny_experts(), head="colour", read_pixels="vae")
+    with pytest.raises(ValueError, match=r"PPAP \(diffusers\): needs each step's latents and sigma.*show_latents"):
+        run(pipe, PPAP(experts=td.tiny_experts(), head="colour"), inputs)
+    assert pipe.counter.calls == 0
+    with pytest.raises(ValueError, match=r"PPAP \(diffusers\) 'experts': step 0 is at sigma 4.1.*, above the "
+                                         r"experts' noise ranges \(sigma 0 to 1\)"):
+        run(shown_pipe, PPAP(experts=td.tiny_experts(ranges=((0.0, 1.0),)), head="colour"), inputs)
+    assert shown_pipe.counter.calls == 0
+
+
 # All guiders
 
 def public(config) -> dict:
@@ -476,9 +557,12 @@ def test_config_round_trip(calibration_file, tmp_path):
                LinearAG(calibration=str(calibration_file), guidance_scale=SCALE, true_every=3),
                ComposableGuidance(weights=[3.0, -1.0], concepts=[td.concept_inputs(1)]),
                Autoguidance(weak_model=weak, guidance_scale=2.5),
-               gfcg_guider(PROBABILITIES, max_scale=3.0, start_sigma=1.0, every=2)]
+               gfcg_guider(PROBABILITIES, max_scale=3.0, start_sigma=1.0, every=2),
+               PPAP(experts=td.tiny_experts(), read_pixels=squashed_model_input, head="colour", target=2, scale=4.0,
+                    stop=0.5)]
     runtime = {ComposableGuidance: {"concepts": [td.concept_inputs(1)]}, Autoguidance: {"weak_model": weak},
-               GFCG: {"classifier": guiders[4].classifier, "references": guiders[4].references}}
+               GFCG: {"classifier": guiders[4].classifier, "references": guiders[4].references},
+               PPAP: {"experts": guiders[5].experts, "read_pixels": squashed_model_input}}
     for guider in guiders:
         folder = tmp_path / type(guider).__name__
         guider.save_pretrained(folder)
@@ -493,6 +577,9 @@ def test_config_round_trip(calibration_file, tmp_path):
     loaded = GFCG.from_pretrained(tmp_path / "GFCG", **runtime[GFCG])
     assert (loaded.targets, loaded.max_scale, loaded.start_sigma, loaded.every) == ({"colour": 0}, 3.0, 1.0, 2)
     assert guiders[4].new().classifier is guiders[4].classifier
+    loaded = PPAP.from_pretrained(tmp_path / "PPAP", **runtime[PPAP])
+    assert (loaded.head, loaded.target, loaded.scale, loaded._stop) == ("colour", 2, 4.0, 0.5)
+    assert guiders[5].new().experts is guiders[5].experts and guiders[5].new().read_pixels is squashed_model_input
 
 
 # The toy-world example (scripts/toy_diffusers_guiders.py)
