@@ -39,14 +39,13 @@ class LoRALayer(nn.Module):
         else:
             self.down = nn.Linear(base.in_features, rank, bias=False)
             self.up = nn.Linear(rank, base.out_features, bias=False)
-        self.down.to(base.weight.device)  # float32 adapters: a half-precision base (e.g. CLIP vision) casts its own
-        self.up.to(base.weight.device)
+        self.down.to(base.weight)
+        self.up.to(base.weight)
         nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5), generator=generator)
         nn.init.zeros_(self.up.weight)
 
     def forward(self, x):
-        out = self.base(x)
-        return out + (self.scale * self.up(self.down(x.to(self.down.weight.dtype)))).to(out.dtype)
+        return self.base(x) + self.scale * self.up(self.down(x))
 
 
 def add_lora(network: nn.Module, rank: int, alpha: float, exclude: tuple[str, ...] = (), seed: int = 0) -> list[str]:
