@@ -114,7 +114,16 @@ class ClipVisionEmbedder(torch.nn.Module):
 
     def forward(self, pixels):
         comfy.model_management.load_model_gpu(self.clip_vision.patcher)
-        return self.vision(pixel_values=pixels.to(self.clip_vision.load_device).float(), intermediate_output=-2)[2]
+        hooks = []
+        if torch.is_grad_enabled():  # ComfyUI's CLIPLayer adds residuals in place into the tensor its LayerNorms
+            # saved for backward; each LayerNorm reads a copy instead, so gradients flow (PPAP)
+            hooks = [module.register_forward_pre_hook(lambda _, args: (args[0].clone(), *args[1:]))
+                     for name, module in self.vision.named_modules() if name.endswith(("layer_norm1", "layer_norm2"))]
+        try:
+            return self.vision(pixel_values=pixels.to(self.clip_vision.load_device).float(), intermediate_output=-2)[2]
+        finally:
+            for hook in hooks:
+                hook.remove()
 
 
 def encode_class_prompts(clip, prompts: list[str]) -> torch.Tensor:

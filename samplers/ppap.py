@@ -289,7 +289,7 @@ def student_network(classifier, rank: int, alpha: float, exclude=DEFAULT_EXCLUDE
     """A copy of ``classifier.network`` with LoRA on its Conv2d/Linear layers (except ``exclude``: the output
     heads, as the paper leaves the ResNet's fc alone), adapters, norms and adapted biases trainable."""
     with grad_mode():
-        network = copy.deepcopy(classifier.network)
+        network = copy.deepcopy(classifier.network).float()  # trained in float32 (AdamW's state underflows in half)
         add_lora(network, rank, alpha, tuple(exclude), seed)
     return network
 

@@ -43,7 +43,8 @@ CALIBRATION_PROMPTS = "\n".join(["a red fox in a snowy forest", "a bowl of ramen
                                  "a lighthouse on a cliff at sunset", "a portrait of an old sailor"])
 RELATION_PROMPT = "a red fox sitting to the left of a wooden cabin in a snowy forest"
 RELATION_WORDS = "to the left of"
-FUR_COLOURS = "colour: red, grey, white, black"  # GFCG's zero-shot classes; "red" is the prompt's phrase
+FUR_COLOURS = "colour: red, grey, white, black"  # GFCG's and PPAP's zero-shot classes; "red" is the prompt's phrase
+PPAP_IMAGES = 64  # PPAP Train Experts' clean samples on a real model (the node's default 1024 is the toy world's)
 
 
 class Builder:
@@ -265,17 +266,43 @@ def deediff(b: Builder, family: str, name: str) -> None:
     outputs(b, base, ksampler(b, family, base, (patch, 0)), name, (patch, 0))
 
 
-def gfcg(b: Builder, family: str, name: str) -> None:
-    base = family_base(b, family)
+def zero_shot_classifier(b: Builder, family: str, base: dict) -> dict:
+    """CLIP vision of the family reading each sample's preview (latent_rgb) against the fur colours."""
     vision = b.node("CLIPVisionLoader", clip_name=CLIP_VISION[family])
     classifier = b.node("GuidanceKitClipZeroShotClassifier", classes=FUR_COLOURS, template="a photo of a {} fox",
                         pixel_source="latent_rgb")
     b.connect(vision, 0, classifier, "clip_vision")
     b.connect(*base["clip"], classifier, "clip")
+    return classifier
+
+
+def gfcg(b: Builder, family: str, name: str) -> None:
+    base = family_base(b, family)
+    classifier = zero_shot_classifier(b, family, base)
     patch = b.node("GuidanceKitGFCG", prompt=PROMPT, targets="colour=red")
     b.connect(*base["model"], patch, "model")
     b.connect(classifier, 0, patch, "classifier")
     b.connect(*base["clip"], patch, "clip")
+    outputs(b, base, ksampler(b, family, base, (patch, 0)), name, (patch, 0))
+
+
+def ppap_train(b: Builder, family: str, name: str) -> None:
+    spec = FAMILIES[family]
+    base = family_base(b, family)
+    classifier = zero_shot_classifier(b, family, base)
+    train = b.node("GuidanceKitPPAPTrainExperts", cfg=spec["cfg"], images=PPAP_IMAGES, sampler_name=spec["sampler"],
+                   scheduler=spec["scheduler"], sample_steps=spec["steps"], filename=f"{family}_ppap_experts")
+    for key in ("model", "positive", "negative", "latent"):
+        b.connect(*base[key], train, key)
+    b.connect(classifier, 0, train, "classifier")
+
+
+def ppap(b: Builder, family: str, name: str) -> None:
+    base = family_base(b, family)
+    classifier = zero_shot_classifier(b, family, base)
+    patch = b.node("GuidanceKitPPAP", experts=f"{family}_ppap_experts.safetensors", target="colour: red")
+    b.connect(*base["model"], patch, "model")
+    b.connect(classifier, 0, patch, "classifier")
     outputs(b, base, ksampler(b, family, base, (patch, 0)), name, (patch, 0))
 
 
@@ -292,9 +319,12 @@ TECHNIQUES = {
     "autoguidance": (autoguidance, ("sd35",)),
     "gfcg": (gfcg, tuple(CLIP_VISION)),
     "deediff": (deediff, ("sd35",)),
+    "ppap_train": (ppap_train, tuple(CLIP_VISION)),  # writes the experts file that <family>_ppap reads: run it first
+    "ppap": (ppap, tuple(CLIP_VISION)),
 }
 COMMON_NOTE = ("\n\nFiles: {files}.\nSampling: {steps} steps, cfg {cfg}, {sampler}/{scheduler} (the model card's "
-               "settings). Run Stats plots what the technique did each step and prints a one-line summary.")
+               "settings).")
+RUN_STATS_NOTE = " Run Stats plots what the technique did each step and prints a one-line summary."
 NOTES = {
     "adaptive_guidance": (
         "Adaptive Guidance on {label}: CFG that stops evaluating the negative prompt once it agrees with the "
@@ -344,6 +374,25 @@ NOTES = {
         "the threshold. Afterwards swap Train Heads for 'DeeDiff Load Heads'. Expect fewer blocks run (Run "
         "Stats) and image changes growing as the threshold falls (docs/deediff.md). Inputs that matter: "
         "threshold, train_steps, adapter_rank (joint training)."),
+    "ppap_train": (
+        "PPAP step 1 of 2 on {label}: run this workflow first, then {family}_ppap.json. Train Experts samples the "
+        "model (images full samplings of sample_steps steps at cfg, {images} here: {images} x {steps} sampling steps, "
+        "two model rows each at cfg > 1), labels the samples with the zero-shot CLIP classifier (CLIP vision G "
+        "against '{classes}') and distils it into experts LoRA students, one per noise range (experts x "
+        "steps_per_expert optimiser steps through CLIP vision G, 5 x 120 by default), saved as "
+        "models/ppap/{family}_ppap_experts.safetensors. Slow (sampling dominates; the progress bar counts both "
+        "phases) and nothing is shown until it ends. Not measured on a real {label} checkpoint: the defaults "
+        "(experts, steps, rank, lr) are the toy world's (docs/ppap.md). Inputs that matter: images (more samples, "
+        "better experts), the classes (PPAP's target must be one of them), experts, steps_per_expert, lora_rank; "
+        "the prompt and cfg set what the experts see."),
+    "ppap": (
+        "PPAP step 2 of 2 on {label}: needs models/ppap/{family}_ppap_experts.safetensors, written by "
+        "{family}_ppap_train.json (run that first; press R to refresh the experts list). PPAP Guidance steers each "
+        "sample toward the target class ('colour: red', one of '{classes}') with the expert whose noise range "
+        "holds the current sigma, backpropagating through CLIP vision G every step (slower and more memory than "
+        "plain sampling). Use the same classifier settings as in training. Expect red fur more often than the "
+        "same seed without it; 'none' as experts guides with the classifier itself (the naive baseline). Inputs "
+        "that matter: experts, target, scale (30 was tuned on the toy world, not on {label}: try lower first)."),
     "autoguidance": (
         "Autoguidance on SD3.5: guides SD3.5 Large with the smaller SD3.5 Medium (same latent space and text "
         "encoders) instead of the negative prompt; KSampler's cfg is the guidance weight w (try 1.5 to 3). "
@@ -392,9 +441,11 @@ def real_workflows(object_info: dict) -> dict[str, dict]:
             files = sorted({v for n in b.nodes if "Loader" in n["type"] for v in n["widgets_values"]
                             if str(v).endswith(".safetensors")})
             note = NOTES[technique].format(label=spec["label"], family=family, words=RELATION_WORDS,
-                                           classes=FUR_COLOURS) + COMMON_NOTE.format(
-                files=", ".join(files), steps=spec["steps"], cfg=spec["cfg"], sampler=spec["sampler"],
-                scheduler=spec["scheduler"])
+                                           classes=FUR_COLOURS, images=PPAP_IMAGES, steps=spec["steps"]) + \
+                COMMON_NOTE.format(files=", ".join(files), steps=spec["steps"], cfg=spec["cfg"],
+                                   sampler=spec["sampler"], scheduler=spec["scheduler"])
+            if any(node["type"] == "GuidanceKitRunStats" for node in b.nodes):
+                note += RUN_STATS_NOTE
             set_note(workflow, note)
             arrange(workflow, object_info)
             made[name] = workflow

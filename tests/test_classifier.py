@@ -134,6 +134,23 @@ def test_clip_zero_shot_matches_comfyui_encode_image(tiny_clip_vision):
     assert logits["shape"].shape == (2, 3)
 
 
+def test_clip_zero_shot_is_differentiable_through_comfyui_clip_vision(tiny_clip_vision):
+    """PPAP backpropagates through the classifier: ComfyUI's CLIPLayer adds its residuals in place."""
+    from guidance_kit.nodes.classifier import ClipZeroShotClassifier
+    from guidance_kit.nodes.toyworld import load_clip
+    from guidance_kit.samplers.ppap import student_network
+
+    classifier = run_node(ClipZeroShotClassifier, tiny_clip_vision, load_clip(weights.MAIN_WEIGHTS), "red, blue",
+                          "a {} circle", "auto")[0]
+    with torch.inference_mode(False), torch.enable_grad():
+        student = student_network(classifier, rank=2, alpha=2.0)  # what PPAP trains and guides with
+        pixels = torch.rand(2, 3, 32, 32, requires_grad=True)
+        student(classifier.prepare(pixels * 2 - 1))["class"][:, 0].sum().backward()
+    assert pixels.grad is not None and pixels.grad.abs().sum() > 0 and torch.isfinite(pixels.grad).all()
+    adapters = [parameter for name, parameter in student.named_parameters() if name.endswith("up.weight")]
+    assert adapters and all(parameter.dtype == torch.float32 and parameter.grad is not None for parameter in adapters)
+
+
 def test_clip_zero_shot_rejects_a_mismatched_text_encoder(tiny_clip_vision):
     from guidance_kit.nodes.classifier import ClipZeroShotClassifier
 

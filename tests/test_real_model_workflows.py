@@ -8,7 +8,9 @@ Overridden in the test only (the shipped files keep the model cards' settings): 
 2 sampling steps, one calibration/training prompt, 2 training steps on 16 rows, the text encoders
 (``GuidanceKitTestTinyTextEncoder``), Flux's diffusion model (``GuidanceKitTestTinyFlux``) and CLIP vision
 (``GuidanceKitTestTinyClipVision``).  Calibration and training files (LinearAG, Adaptive Guidance (learned),
-DeeDiff) are written under ``test_server_`` names and removed.
+DeeDiff, PPAP) are written under ``test_server_`` names and removed.  A training workflow
+(``<family>_<technique>_train.json``: PPAP's experts) runs first, in the test of the workflow that reads its file,
+which then reads the file written under the test's name.
 """
 import copy
 import json
@@ -22,15 +24,17 @@ from harness.comfy_host import comfyui_dir
 from harness.workflow_api import _widget_names, ui_to_api
 
 REPO = Path(__file__).resolve().parent.parent
-REAL = sorted(path for path in (REPO / "workflows").glob("*.json") if not path.stem.startswith("toy_"))
+WORKFLOWS = sorted(path for path in (REPO / "workflows").glob("*.json") if not path.stem.startswith("toy_"))
+TRAINING = {path.stem.removesuffix("_train"): path for path in WORKFLOWS if path.stem.endswith("_train")}
+REAL = [path for path in WORKFLOWS if not path.stem.endswith("_train")]
 FAMILIES = {"sd15", "sdxl", "sd35", "flux"}
 TEST_OVERRIDES = {"steps": 2, "sample_steps": 2, "train_steps": 2, "training_rows": 16, "width": 64, "height": 64,
-                  "batch_size": 1, "prompts": "a red fox"}
-WRITTEN_FOLDERS = ("linear_ag", "learned_ag", "deediff")  # where the workflows' calibration/training nodes write
+                  "batch_size": 1, "prompts": "a red fox", "images": 2, "steps_per_expert": 2}
+WRITTEN_FOLDERS = ("linear_ag", "learned_ag", "deediff", "ppap")  # where calibration/training nodes write
 TEXT_ENCODER_LOADERS = {"DualCLIPLoader", "TripleCLIPLoader", "CLIPLoader"}
 TECHNIQUE_LABELS = {"adaptive_guidance": "AG", "learned_ag": "Learned AG", "composable": "Composable",
                     "linear_ag": "LinearAG", "lina": "LINA", "lina_schedule": "CFG", "autoguidance": "ATG",
-                    "gfcg": "GFCG", "deediff": "DeeDiff"}
+                    "gfcg": "GFCG", "deediff": "DeeDiff", "ppap": "PPAP"}
 SUMMARY = re.compile(r"^([\w+ ]+?): \d+ steps")
 # What Run Stats must report when the technique acted at all on the tiny run (where that is certain at 2 steps):
 # LINA's ablated-prompt row comes on top of CFG's two in its window (the first step).
@@ -41,15 +45,22 @@ def family_of(path: Path) -> str:
     return path.stem.split("_")[0]
 
 
-def set_widget(node: dict, object_info: dict, name: str, value) -> bool:
-    """Set widget ``name`` of a UI-format node (its index in widgets_values, seeds' control values counted)."""
+def widget_index(node: dict, object_info: dict, name: str) -> int | None:
+    """The index of widget ``name`` in a UI-format node's widgets_values (seeds' control values counted)."""
     index = 0
     for widget, control in _widget_names(object_info[node["type"]]):
         if widget == name:
-            node["widgets_values"][index] = value
-            return True
+            return index
         index += 1 + control
-    return False
+    return None
+
+
+def set_widget(node: dict, object_info: dict, name: str, value) -> bool:
+    """Set widget ``name`` of a UI-format node."""
+    index = widget_index(node, object_info, name)
+    if index is not None:
+        node["widgets_values"][index] = value
+    return index is not None
 
 
 def as_tested(workflow: dict, family: str, object_info: dict, written_prefix: str) -> dict:
@@ -76,6 +87,26 @@ def as_tested(workflow: dict, family: str, object_info: dict, written_prefix: st
     return changed
 
 
+def with_trained_file(workflow: dict, training: Path, comfy_server, object_info: dict, written_prefix: str) -> dict:
+    """Runs the training workflow ``training`` (its file written as ``written_prefix``) and returns ``workflow``
+    reading that file where it read the shipped name (the training node's ``filename`` + ``.safetensors``)."""
+    trainer = json.loads(training.read_text())
+    comfy_server.run(ui_to_api(as_tested(trainer, family_of(training), object_info, written_prefix), object_info),
+                     timeout=300)
+    shipped = {f"{node['widgets_values'][index]}.safetensors" for node in trainer["nodes"]
+               if node["type"] in object_info and (index := widget_index(node, object_info, "filename")) is not None}
+    changed = copy.deepcopy(workflow)
+    replaced = 0
+    for node in changed["nodes"]:
+        values = node.get("widgets_values") or []
+        for index, value in enumerate(values):
+            if value in shipped:
+                values[index] = f"{written_prefix}.safetensors"
+                replaced += 1
+    assert replaced, f"{training.name} writes {sorted(shipped)}, which no node of the workflow reads"
+    return changed
+
+
 @pytest.fixture(scope="module")
 def model_files(comfy_server):
     written = [path for family in sorted(FAMILIES) for path in tiny_models.write_model_files(family,
@@ -99,6 +130,8 @@ def test_real_model_workflow_runs_on_tiny_files(comfy_server, model_files, path)
     family = family_of(path)
     written_prefix = f"test_server_{path.stem}"
     try:
+        if path.stem in TRAINING:
+            workflow = with_trained_file(workflow, TRAINING[path.stem], comfy_server, object_info, written_prefix)
         entry = comfy_server.run(ui_to_api(as_tested(workflow, family, object_info, written_prefix), object_info),
                                  timeout=300)
     finally:
