@@ -9,7 +9,16 @@ import torch
 from comfy_api.latest import io
 
 from ..samplers import adaptive_guidance as ag
-from .contract import Technique, TwinSpec, check_number, guider_and_patch, guider_inputs, install, sampler_cfg
+from .contract import (
+    Technique,
+    TwinSpec,
+    check_number,
+    guider_and_patch,
+    guider_inputs,
+    install,
+    record_switches,
+    sampler_cfg,
+)
 
 CATEGORY = "Guidance Kit/acceleration"
 FAMILY_OF_MODEL_TYPE = {"EPS": "eps", "V_PREDICTION": "v", "V_PREDICTION_EDM": "v", "FLOW": "flow"}
@@ -58,12 +67,8 @@ class AdaptiveGuidance(Technique):
         gamma = ag.similarity(state.quantity, evaluator.x, cond, uncond, signal_scale=signal_scale,
                               cfg_scale=state.cfg_scale)
         measured = ~skip
-        switched = state.switch.observe(sigma, gamma, measured)
-        if run is not None:
-            run.signal(cosine=[float(g) if m else None for g, m in zip(gamma.tolist(), measured.tolist())])
-            for sample in switched:
-                run.mark(f"sample {sample} switched to conditional only "
-                         f"(cos {float(gamma[sample]):.4f} >= {state.switch.threshold})")
+        record_switches(run, state.switch.observe(sigma, gamma, measured), gamma, measured, "cosine",
+                        lambda cos: f"cos {cos:.4f} >= {state.switch.threshold}")
         return [cond, uncond]
 
 

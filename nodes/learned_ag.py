@@ -48,6 +48,7 @@ from .contract import (
     model_identity,
     model_input,
     node_id_of,
+    record_switches,
     sampler_cfg,
     stock_cfg_run,
 )
@@ -269,12 +270,8 @@ class LearnedAdaptiveGuidance(Technique):
         features = state.tracker.features(schedule_steps(sigma, state.schedule) / state.steps, cond, uncond, state.cfg)
         probability = self.policy.probability(torch.cat([features, state.prompt], dim=1))
         measured = ~skip
-        switched = state.switch.observe(sigma, probability, measured)
-        if run is not None:
-            run.signal(p_safe=[float(p) if m else None for p, m in zip(probability.tolist(), measured.tolist())])
-            for sample in switched:
-                run.mark(f"sample {sample} switched to conditional only (p {float(probability[sample]):.3f} >= "
-                         f"{self.threshold})")
+        record_switches(run, state.switch.observe(sigma, probability, measured), probability, measured, "p_safe",
+                        lambda p: f"p {p:.3f} >= {self.threshold}")
         return [cond, uncond]
 
 

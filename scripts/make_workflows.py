@@ -238,32 +238,32 @@ def autoguidance(b: Builder, family: str, name: str) -> None:
     outputs(b, base, ksampler(b, family, base, (patch, 0), cfg=2.0), name, (patch, 0))
 
 
+def trained_then_patched(b: Builder, family: str, name: str, trainer: str, inputs: tuple[str, ...], patch_node: str,
+                         patch_input: str, **widgets) -> None:
+    """``trainer`` (fed the family's ``inputs``) on the calibration prompts, its output into ``patch_node``'s
+    ``patch_input``, the patched MODEL into a KSampler."""
+    base = family_base(b, family)
+    trained = b.node(trainer, prompts=CALIBRATION_PROMPTS, negative_prompt=NEGATIVE, **widgets)
+    for key in inputs:
+        b.connect(*base[key], trained, key)
+    patch = b.node(patch_node)
+    b.connect(*base["model"], patch, "model")
+    b.connect(trained, 0, patch, patch_input)
+    outputs(b, base, ksampler(b, family, base, (patch, 0)), name, (patch, 0))
+
+
 def learned_ag(b: Builder, family: str, name: str) -> None:
     spec = FAMILIES[family]
-    base = family_base(b, family)
-    calibrate = b.node("GuidanceKitLearnedAGCalibrate", prompts=CALIBRATION_PROMPTS, negative_prompt=NEGATIVE,
-                       steps=spec["steps"], cfg=spec["cfg"], sampler_name=spec["sampler"],
-                       scheduler=spec["scheduler"], filename=f"learned_ag_{family}")
-    for key in ("model", "clip", "vae", "latent"):
-        b.connect(*base[key], calibrate, key)
-    patch = b.node("GuidanceKitLearnedAG")
-    b.connect(*base["model"], patch, "model")
-    b.connect(calibrate, 0, patch, "policy")
-    outputs(b, base, ksampler(b, family, base, (patch, 0)), name, (patch, 0))
+    trained_then_patched(b, family, name, "GuidanceKitLearnedAGCalibrate", ("model", "clip", "vae", "latent"),
+                         "GuidanceKitLearnedAG", "policy", steps=spec["steps"], cfg=spec["cfg"],
+                         sampler_name=spec["sampler"], scheduler=spec["scheduler"], filename=f"learned_ag_{family}")
 
 
 def deediff(b: Builder, family: str, name: str) -> None:
     spec = FAMILIES[family]
-    base = family_base(b, family)
-    train = b.node("GuidanceKitDeeDiffTrain", prompts=CALIBRATION_PROMPTS, negative_prompt=NEGATIVE,
-                   sample_steps=spec["steps"], cfg=spec["cfg"], sampler_name=spec["sampler"],
-                   scheduler=spec["scheduler"], filename=f"deediff_{family}")
-    for key in ("model", "clip", "latent"):
-        b.connect(*base[key], train, key)
-    patch = b.node("GuidanceKitDeeDiff")
-    b.connect(*base["model"], patch, "model")
-    b.connect(train, 0, patch, "heads")
-    outputs(b, base, ksampler(b, family, base, (patch, 0)), name, (patch, 0))
+    trained_then_patched(b, family, name, "GuidanceKitDeeDiffTrain", ("model", "clip", "latent"), "GuidanceKitDeeDiff",
+                         "heads", sample_steps=spec["steps"], cfg=spec["cfg"], sampler_name=spec["sampler"],
+                         scheduler=spec["scheduler"], filename=f"deediff_{family}")
 
 
 def zero_shot_classifier(b: Builder, family: str, base: dict) -> dict:

@@ -18,11 +18,11 @@ from .checks import check_number, check_numeric_inputs, check_sampling_inputs
 from .evaluator import CondEvaluator, broadcast_to_batch, rows_of_cond
 from .guiders import cfg_guider, guider_inputs, model_input
 from .host import encode_prompt, model_identity, sampler_cfg, stock_cfg_run
-from .stats import current_run, node_id_of, stats_sink
+from .stats import current_run, node_id_of, record_switches, stats_sink
 from .technique import Technique, install, installed, run_state
 from .twins import TwinSpec, guider_and_patch
 
 __all__ = ["CondEvaluator", "Technique", "TwinSpec", "broadcast_to_batch", "cfg_guider", "check_number",
            "check_numeric_inputs", "check_sampling_inputs", "current_run", "encode_prompt", "guider_and_patch",
            "guider_inputs", "install", "installed", "model_files", "model_identity", "model_input", "node_id_of",
-           "rows_of_cond", "run_state", "sampler_cfg", "stats_sink", "stock_cfg_run"]
+           "record_switches", "rows_of_cond", "run_state", "sampler_cfg", "stats_sink", "stock_cfg_run"]

@@ -113,3 +113,13 @@ def node_id_of(node_cls) -> str | None:
 
 def stats_sink(model) -> StatsSink | None:
     return model.get_attachment(WRAPPER_KEY)
+
+
+def record_switches(run: RunStats | None, switched, score, measured, signal: str, describe) -> None:
+    """Adaptive Guidance's run record of one evaluation: ``score`` per sample as the ``signal`` curve (None where it
+    was not ``measured``) and a mark for each sample in ``switched``, labelled ``describe(score of the sample)``."""
+    if run is None:
+        return
+    run.signal(**{signal: [float(v) if m else None for v, m in zip(score.tolist(), measured.tolist())]})
+    for sample in switched:
+        run.mark(f"sample {sample} switched to conditional only ({describe(float(score[sample]))})")
